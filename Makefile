@@ -1,0 +1,47 @@
+# rlhf-online: `make test` and `make demo` each do all of their own set-up on a fresh clone.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: help venv protos lint format test demo kafka-start kafka-stop clean
+
+help:
+	@echo "make test   - create the venv, install, generate stubs, lint, run the whole suite (starts Kafka itself)"
+	@echo "make demo   - run the whole loop on this machine and write a report"
+	@echo "make lint   - ruff check and format check"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+protos: $(STAMP)
+	$(BIN)/python -m rlhf_online.codegen
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: protos lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+demo: protos
+	$(BIN)/rlhf-online demo
+
+kafka-start: protos
+	$(BIN)/rlhf-online kafka start
+
+kafka-stop: $(STAMP)
+	$(BIN)/rlhf-online kafka stop
+
+clean:
+	rm -rf rlhf_online/proto .pytest_cache

@@ -1,0 +1,35 @@
+"""Kafka topic names of the public contract (see DESIGN.md), derived from one prefix.
+
+The prefix defaults to "rlhf", giving `rlhf.interactions`, `rlhf.feedback`, `rlhf.models` and
+`rlhf.feedback.dlq`; tests use their own prefix so they never see each other's records.
+"""
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "rlhf"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The four topic names for one deployment."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def interactions(self) -> str:
+        return f"{self.prefix}.interactions"
+
+    @property
+    def feedback(self) -> str:
+        return f"{self.prefix}.feedback"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}.models"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.feedback.dlq"
+
+    def all(self) -> list[str]:
+        return [self.interactions, self.feedback, self.models, self.dlq]
