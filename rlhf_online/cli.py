@@ -1,4 +1,4 @@
-"""The `rlhf-online` console script: one subcommand per job, each implemented by a `main(argv, env)` elsewhere.
+"""The `rlhf-online` console script: one subcommand per job, each a `main(argv, env)` in its own module.
 
 Subcommands are imported lazily so `rlhf-online kafka status` does not pay for importing torch.
 """

@@ -21,8 +21,15 @@ def generate() -> list[Path]:
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
     OUT_DIR.mkdir(exist_ok=True)
     include = Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={OUT_DIR}",
-            f"--pyi_out={OUT_DIR}", f"--grpc_python_out={OUT_DIR}", *protos]
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{include}",
+        f"--python_out={OUT_DIR}",
+        f"--pyi_out={OUT_DIR}",
+        f"--grpc_python_out={OUT_DIR}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         sys.exit("protoc failed; see the messages above")
     generated = sorted(OUT_DIR.rglob("*_pb2*.py")) + sorted(OUT_DIR.rglob("*_pb2.pyi"))

@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=_converter(kind), default=None, help=help_text,
-                                metavar=f.name.upper())
+            parser.add_argument(
+                flag, type=_converter(kind), default=None, help=help_text, metavar=f.name.upper()
+            )
 
 
 def from_namespace(cls: type[T], args: argparse.Namespace, env: Mapping[str, str]) -> T:

@@ -1,0 +1,114 @@
+"""`rlhf.v1.ModelAdmin`: GetModel, ListVersions and Rollback, for operators holding the admin token."""
+
+import asyncio
+import hmac
+import logging
+import time
+
+import grpc
+
+from rlhf_online.inference.events import PublishError
+from rlhf_online.inference.follower import POLICY, ModelFollower
+from rlhf_online.proto.rlhf.v1 import admin_pb2, admin_pb2_grpc, events_pb2
+from rlhf_online.registry import Manifest, Registry, RegistryError, VersionNotFound
+
+log = logging.getLogger(__name__)
+
+
+class ModelAdmin(admin_pb2_grpc.ModelAdminServicer):
+    """Operator API; every call needs `authorization: Bearer <admin token>` metadata."""
+
+    def __init__(
+        self,
+        admin_token: str,
+        registry: Registry,
+        follower: ModelFollower,
+        events,
+        models_topic: str,
+        ack_timeout_s: float = 10.0,
+    ) -> None:
+        self._token = admin_token
+        self.registry, self.follower, self.events = registry, follower, events
+        self.models_topic, self.ack_timeout_s = models_topic, ack_timeout_s
+        self._rollback_lock = asyncio.Lock()
+
+    # The version this replica serves now.
+    async def GetModel(self, request, context) -> admin_pb2.ModelInfo:
+        await self._authorize(context)
+        version = self.follower.engine.version
+        return self._info(self.registry.manifest(POLICY, version))
+
+    # Policy versions in the registry, newest first.
+    async def ListVersions(self, request, context) -> admin_pb2.ListVersionsResponse:
+        await self._authorize(context)
+        versions = reversed(self.registry.versions(POLICY))
+        return admin_pb2.ListVersionsResponse(
+            versions=[self._info(self.registry.manifest(POLICY, v)) for v in versions]
+        )
+
+    # Serves an earlier version on every replica: LATEST moves back and a ROLLED_BACK event tells the others.
+    async def Rollback(self, request: admin_pb2.RollbackRequest, context) -> admin_pb2.RollbackResponse:
+        await self._authorize(context)
+        async with self._rollback_lock:
+            previous = self.follower.engine.version
+            try:
+                manifest = await asyncio.to_thread(self.registry.manifest, POLICY, request.version)
+                await asyncio.to_thread(self.registry.verify, POLICY, request.version)
+            except VersionNotFound as e:
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            except RegistryError as e:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot roll back to it: {e}")
+            latest_before = self.registry.latest(POLICY)
+            await asyncio.to_thread(self.registry.set_latest, POLICY, request.version)
+            event = events_pb2.ModelEvent(
+                kind=events_pb2.POLICY,
+                version=request.version,
+                parent_version=manifest.parent_version or "",
+                action=events_pb2.ROLLED_BACK,
+                path=f"{POLICY}/{request.version}",
+                timestamp_ms=int(time.time() * 1000),
+            )
+            try:
+                await asyncio.to_thread(
+                    self.events.publish_acked,
+                    self.models_topic,
+                    request.version.encode(),
+                    event.SerializeToString(),
+                    self.ack_timeout_s,
+                )
+            except PublishError as e:
+                if latest_before:
+                    await asyncio.to_thread(self.registry.set_latest, POLICY, latest_before)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"rollback not done, retry later: {e}")
+            await asyncio.to_thread(self._swap_now, event)
+            log.warning("rolled back policy from %s to %s", previous, request.version)
+            return admin_pb2.RollbackResponse(version=request.version, previous_version=previous)
+
+    def _swap_now(self, event: events_pb2.ModelEvent) -> None:
+        if self.follower.apply(event):
+            self.follower.engine.wait_swapped(event.version, timeout=60)
+
+    async def _authorize(self, context) -> None:
+        if not self._token:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "ModelAdmin is disabled on this server; set RLHF_ADMIN_TOKEN to enable it",
+            )
+        metadata = dict(context.invocation_metadata() or ())
+        given = metadata.get("authorization", "")
+        if not given:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing admin token; send metadata 'authorization: Bearer <token>'",
+            )
+        if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the admin token is not valid")
+
+    def _info(self, manifest: Manifest) -> admin_pb2.ModelInfo:
+        return admin_pb2.ModelInfo(
+            version=manifest.version,
+            parent_version=manifest.parent_version or "",
+            created_at_ms=manifest.created_at_ms,
+            metrics=manifest.metrics,
+            serving=manifest.version == self.follower.engine.version,
+        )

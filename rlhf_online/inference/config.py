@@ -1,0 +1,80 @@
+"""Settings of the inference service (`rlhf-online serve-inference`)."""
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class InferenceConfig:
+    """Serve the policy over gRPC (ChatService, ModelAdmin) and publish answers and ratings to Kafka."""
+
+    grpc_host: str = field(
+        default="127.0.0.1", metadata={"help": "Address the gRPC server binds (0.0.0.0 in a pod)."}
+    )
+    grpc_port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one."})
+    metrics_port: int = field(default=9101, metadata={"help": "Prometheus metrics HTTP port; -1 disables."})
+    kafka_bootstrap: str = field(default="127.0.0.1:19092", metadata={"help": "Kafka bootstrap servers."})
+    topic_prefix: str = field(default="rlhf", metadata={"help": "Prefix of the Kafka topic names."})
+    registry_dir: str = field(default=".rlhf/registry", metadata={"help": "Model registry root folder."})
+    base_model_dir: str = field(
+        default=".rlhf/models/tiny",
+        metadata={
+            "help": "Hugging Face model directory published as the first policy version if the registry "
+            "has none."
+        },
+    )
+    device: str = field(default="cpu", metadata={"help": "Torch device: cpu, cuda, cuda:1 (bf16 on CUDA)."})
+    max_batch_size: int = field(
+        default=8, metadata={"help": "Most requests generated together in one batch."}
+    )
+    max_queue: int = field(
+        default=64, metadata={"help": "Requests waiting beyond this are refused (RESOURCE_EXHAUSTED)."}
+    )
+    default_max_new_tokens: int = field(
+        default=48, metadata={"help": "max_new_tokens when a request sets 0."}
+    )
+    max_new_tokens_cap: int = field(
+        default=256, metadata={"help": "Largest max_new_tokens a request may ask."}
+    )
+    default_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature when a request leaves it unset (0 = greedy)."}
+    )
+    signing_key: str = field(
+        default="",
+        metadata={
+            "help": "Secret HMAC key for response ids; every replica needs the same one. Empty: a random "
+            "per-process key (single replica only)."
+        },
+    )
+    admin_token: str = field(default="", metadata={"help": "Bearer token for ModelAdmin; empty disables it."})
+    feedback_rate_per_s: float = field(
+        default=2.0, metadata={"help": "Sustained ratings per second per user."}
+    )
+    feedback_burst: int = field(default=20, metadata={"help": "Ratings a user may send in a burst."})
+    feedback_ack_timeout_s: float = field(
+        default=10.0, metadata={"help": "Longest wait for the broker to acknowledge a rating."}
+    )
+    max_user_id_chars: int = field(default=128, metadata={"help": "Longest accepted user_id."})
+    max_comment_chars: int = field(default=2000, metadata={"help": "Longest accepted feedback comment."})
+    max_messages: int = field(default=64, metadata={"help": "Most messages accepted in one ChatRequest."})
+    follow_models: bool = field(default=True, metadata={"help": "Follow the models topic and hot-swap."})
+    replica_id: str = field(
+        default="", metadata={"help": "Name of this replica in logs and client ids; empty: the host name."}
+    )
+    shutdown_grace_s: float = field(
+        default=10.0, metadata={"help": "Time in-flight requests get on SIGTERM."}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "Python log level."})
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be at least 1")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_cap:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must be between 1 and "
+                f"max_new_tokens_cap ({self.max_new_tokens_cap})"
+            )
+        if not (math.isfinite(self.default_temperature) and self.default_temperature >= 0):
+            raise ValueError("default_temperature must be a finite number >= 0")
+        if self.feedback_rate_per_s <= 0 or self.feedback_burst < 1:
+            raise ValueError("feedback_rate_per_s must be > 0 and feedback_burst >= 1")

@@ -1,0 +1,186 @@
+"""Where the inference service sends its events: Kafka in production, a list in unit tests.
+
+Two ways to publish, matching two promises:
+- `publish_acked` blocks until the broker acknowledged the record (acks=all, idempotent producer) or raises
+  PublishError: SubmitFeedback answers OK only after it returns (promise 1).
+- `publish_background` never blocks generation: records go to an outbox that a thread drains, retrying with
+  backoff while the broker is down. Failures are counted and logged; nothing is dropped silently.
+"""
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from kafka.errors import KafkaError
+
+from rlhf_online.broker.clients import make_producer
+from rlhf_online.inference import metrics
+
+log = logging.getLogger(__name__)
+
+
+class PublishError(Exception):
+    """The broker did not acknowledge a record in time."""
+
+
+@dataclass
+class Record:
+    topic: str
+    key: bytes
+    value: bytes
+    attempts: int = 0
+
+
+class KafkaEvents:
+    """Publishes to Kafka with one producer for acknowledged writes and one behind a retrying outbox."""
+
+    def __init__(
+        self, bootstrap: str, *, client_id: str, max_outbox: int = 100_000, ack_timeout_s: float = 10.0
+    ) -> None:
+        timeout_ms = int(ack_timeout_s * 1000)
+        # Fails fast when the broker is away, so SubmitFeedback can answer UNAVAILABLE within its deadline.
+        self._acked = make_producer(
+            bootstrap,
+            client_id=f"{client_id}-feedback",
+            max_block_ms=timeout_ms,
+            request_timeout_ms=timeout_ms,
+            delivery_timeout_ms=timeout_ms + 1000,
+        )
+        self._outbox = Outbox(make_producer(bootstrap, client_id=f"{client_id}-interactions"), max_outbox)
+
+    def publish_acked(self, topic: str, key: bytes, value: bytes, timeout_s: float) -> None:
+        """Blocks until the broker acknowledged the record; raises PublishError otherwise."""
+        try:
+            self._acked.send(topic, key=key, value=value).get(timeout=timeout_s)
+        except KafkaError as e:
+            metrics.PUBLISH_FAILURES.labels(topic).inc()
+            raise PublishError(
+                f"the broker did not acknowledge the event within {timeout_s:.1f}s: {e}"
+            ) from e
+
+    def publish_background(self, topic: str, key: bytes, value: bytes) -> None:
+        self._outbox.put(Record(topic, key, value))
+
+    @property
+    def pending(self) -> int:
+        return self._outbox.pending
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._outbox.close(timeout_s)
+        self._acked.close(timeout=timeout_s)
+
+
+class Outbox:
+    """A bounded queue of records that a thread sends, re-queueing each failure with backoff."""
+
+    def __init__(self, producer, max_records: int) -> None:
+        self._producer = producer
+        self._max_records = max_records
+        self._queue: deque[Record] = deque()
+        self._in_flight = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._backoff_s = 0.0
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + self._in_flight
+
+    def put(self, record: Record) -> None:
+        with self._cond:
+            if len(self._queue) >= self._max_records:
+                dropped = self._queue.popleft()
+                metrics.PUBLISH_DROPPED.labels(dropped.topic).inc()
+                log.error(
+                    "outbox full (%d records): dropped the oldest %s record", self._max_records, dropped.topic
+                )
+            self._queue.append(record)
+            metrics.OUTBOX.set(len(self._queue) + self._in_flight)
+            self._cond.notify()
+
+    def close(self, timeout_s: float) -> None:
+        """Waits up to `timeout_s` for the outbox to drain, then reports what is left."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while (self._queue or self._in_flight) and time.monotonic() < deadline:
+                self._cond.wait(timeout=0.1)
+            self._closing = True
+            left = list(self._queue)
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        self._producer.close(timeout=max(0.0, deadline - time.monotonic()))
+        for record in left:
+            metrics.PUBLISH_DROPPED.labels(record.topic).inc()
+        if left or self._in_flight:
+            log.error("shut down with %d events not acknowledged by the broker", len(left) + self._in_flight)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                record = self._queue.popleft()
+                self._in_flight += 1
+                backoff = self._backoff_s
+            if backoff:
+                time.sleep(backoff)  # a broker outage: pace the retries instead of spinning
+            self._send(record)
+
+    def _send(self, record: Record) -> None:
+        record.attempts += 1
+        try:
+            future = self._producer.send(record.topic, key=record.key, value=record.value)
+        except KafkaError as e:
+            self._failed(record, e)
+            return
+        future.add_callback(lambda _meta: self._done())
+        future.add_errback(lambda e: self._failed(record, e))
+
+    def _done(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._backoff_s = 0.0
+            metrics.OUTBOX.set(len(self._queue) + self._in_flight)
+            self._cond.notify_all()
+
+    def _failed(self, record: Record, error: Exception) -> None:
+        metrics.PUBLISH_FAILURES.labels(record.topic).inc()
+        if record.attempts == 1 or record.attempts % 20 == 0:
+            log.warning(
+                "publishing to %s failed (attempt %d), will retry: %s", record.topic, record.attempts, error
+            )
+        with self._cond:
+            self._in_flight -= 1
+            self._backoff_s = min(5.0, max(0.1, self._backoff_s * 2))
+            self._queue.appendleft(record)
+            self._cond.notify_all()
+
+
+@dataclass
+class MemoryEvents:
+    """In-memory stand-in for unit tests: records what was published; `down=True` simulates an outage."""
+
+    down: bool = False
+    records: list[Record] = field(default_factory=list)
+
+    def publish_acked(self, topic: str, key: bytes, value: bytes, timeout_s: float) -> None:
+        if self.down:
+            raise PublishError("the broker did not acknowledge the event (simulated outage)")
+        self.records.append(Record(topic, key, value))
+
+    def publish_background(self, topic: str, key: bytes, value: bytes) -> None:
+        self.records.append(Record(topic, key, value))
+
+    @property
+    def pending(self) -> int:
+        return 0
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        pass

@@ -1,0 +1,116 @@
+"""Hot swap: follows the models topic and swaps each new policy version into the engine (promises 3, 4, 5).
+
+Every replica reads every event (manual partition assignment, no consumer group). A version is loaded in this
+thread while serving goes on; the engine switches between batches, so no request fails or mixes versions.
+A version whose checksums do not verify, or that does not load, is refused and serving stays where it is.
+"""
+
+import logging
+import threading
+from collections.abc import Callable
+
+from kafka import TopicPartition
+from kafka.errors import KafkaError
+
+from rlhf_online.broker.clients import make_consumer
+from rlhf_online.engine.engine import PolicyEngine
+from rlhf_online.inference import metrics
+from rlhf_online.proto.rlhf.v1 import events_pb2
+from rlhf_online.registry import Registry, RegistryError
+
+log = logging.getLogger(__name__)
+
+POLICY = "policy"
+
+
+class ModelFollower:
+    """A thread that applies the policy events of the models topic to one engine."""
+
+    def __init__(
+        self,
+        engine: PolicyEngine,
+        registry: Registry,
+        load_model: Callable,
+        *,
+        bootstrap: str,
+        topic: str,
+        client_id: str,
+    ) -> None:
+        self.engine, self.registry, self.load_model = engine, registry, load_model
+        self.topic = topic
+        self._consumer = make_consumer(bootstrap, group_id=None, client_id=client_id)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
+        self._start_offsets: dict[TopicPartition, int] = {}
+
+    def mark_start(self, timeout_s: float = 10.0) -> None:
+        """Remembers where the topic ends now. Call it before reading LATEST, so no later event is missed."""
+        partitions = self._partitions(timeout_s)
+        self._consumer.assign(partitions)
+        self._start_offsets = self._consumer.end_offsets(partitions)
+
+    def start(self) -> None:
+        for tp, offset in self._start_offsets.items():
+            self._consumer.seek(tp, offset)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._consumer.close()
+
+    def apply(self, event: events_pb2.ModelEvent) -> bool:
+        """Loads and swaps in the event's version; False if it was refused or is already serving."""
+        if event.kind != events_pb2.POLICY or event.version == self.engine.version:
+            return False
+        try:
+            path = self.registry.verify(POLICY, event.version)
+            model = self.load_model(path)
+        except (RegistryError, OSError, ValueError) as e:
+            metrics.SWAP_FAILURES.inc()
+            log.error("refusing policy %s: %s; still serving %s", event.version, e, self.engine.version)
+            return False
+        self.engine.swap(model, event.version)
+        metrics.SWAPS.inc()
+        log.info(
+            "policy %s loaded (%s); swapping in at the next batch",
+            event.version,
+            events_pb2.ModelAction.Name(event.action),
+        )
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batches = self._consumer.poll(timeout_ms=500)
+            except KafkaError as e:
+                log.warning("reading %s failed, retrying: %s", self.topic, e)
+                self._stop.wait(1.0)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self._handle(record.value)
+
+    def _handle(self, value: bytes) -> None:
+        try:
+            event = events_pb2.ModelEvent.FromString(value)
+        except Exception as e:  # a garbled record must not stop the follower
+            log.error("skipping an unreadable record on %s: %s", self.topic, e)
+            return
+        self.apply(event)
+
+    def _partitions(self, timeout_s: float) -> list[TopicPartition]:
+        ids = None
+        waited = 0.0
+        while not ids and waited < timeout_s:
+            ids = self._consumer.partitions_for_topic(self.topic)
+            if not ids:
+                self._stop.wait(0.2)
+                waited += 0.2
+        if not ids:
+            raise RuntimeError(
+                f"topic {self.topic} does not exist; create it with `rlhf-online kafka start` "
+                "or the Strimzi KafkaTopic resources"
+            )
+        return [TopicPartition(self.topic, p) for p in sorted(ids)]
