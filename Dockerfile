@@ -3,7 +3,7 @@
 #
 # Build (from the repository root):
 #   CPU nodes:  docker build -t ghcr.io/rlhf-online/rlhf-online:0.1.0 .
-#   GPU nodes:  docker build --build-arg TORCH_VARIANT=cuda -t ghcr.io/rlhf-online/rlhf-online:0.1.0-cuda .
+#   GPU nodes:  docker build --build-arg TORCH_VARIANT=cuda -t ghcr.io/rlhf-online/rlhf-online-cuda:0.1.0 .
 # The CUDA variant installs PyPI's default Linux torch wheel, which bundles the CUDA runtime (CUDA 13 for
 # torch 2.15), so the slim base works on a GPU node whose NVIDIA driver supports it. For an older driver pick a
 # matching PyTorch index, e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126.
@@ -38,12 +38,13 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['codegen']))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 
-# 3. The project: compile the protos into rlhf_online/proto, then install it (the stubs go into the wheel).
+# 3. The project: compile the protos into rlhf_online/proto, then install it (the stubs go into the wheel);
+#    `python -P` imports the installed copy, not the one in /src, to prove the stubs were packaged.
 COPY . .
 RUN python -m rlhf_online.codegen \
     && pip install --no-deps . \
     && pip uninstall -y grpcio-tools \
-    && cd / && python -c "from rlhf_online.proto.rlhf.v1 import admin_pb2_grpc, chat_pb2_grpc, events_pb2" \
+    && python -P -c "from rlhf_online.proto.rlhf.v1 import admin_pb2_grpc, chat_pb2_grpc, events_pb2" \
     && rlhf-online --help
 
 # ---- runtime: the virtual environment on a clean slim base, run as an unprivileged user ----

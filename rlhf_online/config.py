@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = _base_type(hints[f.name])
-        help_text = f"{f.metadata.get('help', '')} [env {env_name(f.name)}; default {_default(f)!r}]"
+        help_text = f"{f.metadata.get('help', '')} [env {env_name(f.name)}; default {_shown(_default(f))}]"
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -87,6 +87,10 @@ def _parse_env(name: str, raw: str, kind: type) -> Any:
         return _converter(kind)(raw)
     except ValueError as e:
         raise ValueError(f"{env_name(name)}={raw!r} is not a valid {kind.__name__}") from e
+
+
+def _shown(value: Any) -> str:
+    return str(value) if isinstance(value, Path) else repr(value)
 
 
 def _default(f: dataclasses.Field) -> Any:

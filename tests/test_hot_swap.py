@@ -22,13 +22,17 @@ ADMIN = (("authorization", "Bearer admin-secret"),)
 
 
 def publish_policy(registry: Registry, source_dir, parent: str) -> str:
-    manifest = registry.publish("policy", lambda tmp: copy_model_files(source_dir, tmp), parent_version=parent)
+    manifest = registry.publish(
+        "policy", lambda tmp: copy_model_files(source_dir, tmp), parent_version=parent
+    )
     return manifest.version
 
 
 def announce(kafka_bootstrap: str, topic: str, version: str, action=events_pb2.PUBLISHED) -> None:
     producer = make_producer(kafka_bootstrap, client_id="test-trainer")
-    event = events_pb2.ModelEvent(kind=events_pb2.POLICY, version=version, action=action, path=f"policy/{version}")
+    event = events_pb2.ModelEvent(
+        kind=events_pb2.POLICY, version=version, action=action, path=f"policy/{version}"
+    )
     producer.send(topic, key=version.encode(), value=event.SerializeToString()).get(timeout=30)
     producer.close()
 
@@ -51,7 +55,9 @@ async def served(kafka_bootstrap, topics, tiny_model_dir, tmp_path):
     await running.stop(grace_s=1)
 
 
-async def test_swap_under_load_fails_nothing_and_switches_once_per_client(served, kafka_bootstrap, topics, tmp_path):
+async def test_swap_under_load_fails_nothing_and_switches_once_per_client(
+    served, kafka_bootstrap, topics, tmp_path
+):
     running, channel, registry = served
     stub = chat_pb2_grpc.ChatServiceStub(channel)
     new_dir = write_tiny_model(tmp_path / "candidate", seed=1)
@@ -63,7 +69,9 @@ async def test_swap_under_load_fails_nothing_and_switches_once_per_client(served
         while versions[i].count(new_version) < 3:
             try:
                 if i % 2:
-                    versions[i].append((await stub.Chat(ask(f"c{i}", max_new_tokens=6), timeout=60)).model_version)
+                    versions[i].append(
+                        (await stub.Chat(ask(f"c{i}", max_new_tokens=6), timeout=60)).model_version
+                    )
                 else:
                     chunks = [c async for c in stub.ChatStream(ask(f"s{i}", max_new_tokens=6), timeout=60)]
                     versions[i].append(chunks[-1].model_version)
@@ -72,7 +80,9 @@ async def test_swap_under_load_fails_nothing_and_switches_once_per_client(served
                 return
 
     clients = [asyncio.create_task(client(i)) for i in range(6)]
-    await wait_for(lambda: all(v.count("v000001") >= 2 for v in versions.values()), what="requests on v000001")
+    await wait_for(
+        lambda: all(v.count("v000001") >= 2 for v in versions.values()), what="requests on v000001"
+    )
     announce(kafka_bootstrap, topics.models, new_version)
     await asyncio.wait_for(asyncio.gather(*clients), timeout=120)
     assert failures == []
@@ -97,15 +107,19 @@ async def test_corrupted_version_is_refused_and_serving_continues(served, kafka_
     assert reply.model_version == "v000001" and running.engine.version == "v000001"
 
 
-async def test_rollback_needs_the_token_and_restores_a_version_everywhere(served, kafka_bootstrap, topics, tmp_path):
+async def test_rollback_needs_the_token_and_restores_a_version_everywhere(
+    served, kafka_bootstrap, topics, tmp_path
+):
     running, channel, registry = served
     admin = admin_pb2_grpc.ModelAdminStub(channel)
     stub = chat_pb2_grpc.ChatServiceStub(channel)
     new_version = publish_policy(registry, write_tiny_model(tmp_path / "v2", seed=3), parent="v000001")
     announce(kafka_bootstrap, topics.models, new_version)
     await wait_for(lambda: running.engine.version == new_version, what="the swap")
-    for metadata, code in [((), grpc.StatusCode.UNAUTHENTICATED),
-                           ((("authorization", "Bearer wrong"),), grpc.StatusCode.PERMISSION_DENIED)]:
+    for metadata, code in [
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Bearer wrong"),), grpc.StatusCode.PERMISSION_DENIED),
+    ]:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await admin.Rollback(admin_pb2.RollbackRequest(version="v000001"), metadata=metadata, timeout=30)
         assert info.value.code() == code
@@ -122,6 +136,8 @@ async def test_rollback_needs_the_token_and_restores_a_version_everywhere(served
     assert registry.latest("policy") == "v000001"
     current = await admin.GetModel(admin_pb2.GetModelRequest(), metadata=ADMIN, timeout=30)
     assert current.version == "v000001" and current.serving
-    events = [events_pb2.ModelEvent.FromString(r.value)
-              for r in await asyncio.to_thread(read_topic, kafka_bootstrap, topics.models, min_records=2)]
+    events = [
+        events_pb2.ModelEvent.FromString(r.value)
+        for r in await asyncio.to_thread(read_topic, kafka_bootstrap, topics.models, min_records=2)
+    ]
     assert (events[-1].version, events[-1].action) == ("v000001", events_pb2.ROLLED_BACK)

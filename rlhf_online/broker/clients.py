@@ -16,7 +16,7 @@ import time
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
 
 from rlhf_online.topics import Topics
 
@@ -30,7 +30,7 @@ PRODUCER_DEFAULTS = {
     "batch_size": 64 * 1024,
     "max_block_ms": 5_000,
     "request_timeout_ms": 5_000,
-    "delivery_timeout_ms": 15_000,
+    "delivery_timeout_ms": 10_000,
     "bootstrap_timeout_ms": 5_000,
     "reconnect_backoff_max_ms": 1_000,
     "allow_auto_create_topics": False,
@@ -59,8 +59,8 @@ def make_producer(bootstrap: str, *, client_id: str, **overrides) -> KafkaProduc
         client_id: shows in the broker's logs and metrics.
         overrides: any other KafkaProducer setting (kafka-python names), applied last.
 
-    Raises kafka.errors.NoBrokersAvailable / KafkaTimeoutError within `bootstrap_timeout_ms` (5 s) when no
-    broker answers; call `wait_for_broker` first where the broker may still be starting.
+    Raises kafka.errors.KafkaTimeoutError within `bootstrap_timeout_ms` (5 s) when no broker answers; call
+    `wait_for_broker` first where the broker may still be starting.
     """
     config = {**PRODUCER_DEFAULTS, **overrides}
     return KafkaProducer(bootstrap_servers=_servers(bootstrap), client_id=client_id, **config)
@@ -72,7 +72,8 @@ def make_consumer(bootstrap: str, *, group_id: str | None, client_id: str, **ove
     Subscribe or assign after creating it; commit with `consumer.commit(offsets)` once the work is durable.
     """
     config = {**CONSUMER_DEFAULTS, **overrides}
-    return KafkaConsumer(bootstrap_servers=_servers(bootstrap), group_id=group_id, client_id=client_id, **config)
+    servers = _servers(bootstrap)
+    return KafkaConsumer(bootstrap_servers=servers, group_id=group_id, client_id=client_id, **config)
 
 
 def wait_for_broker(bootstrap: str, timeout_s: float = 60.0) -> None:
@@ -108,7 +109,7 @@ def wait_for_broker(bootstrap: str, timeout_s: float = 60.0) -> None:
 def ensure_topics(
     bootstrap: str, topics: Topics, *, partitions: int, replication: int = 1, timeout_s: float = 30.0
 ) -> None:
-    """Creates the four topics of `topics` that do not exist yet, and waits until every partition has a leader.
+    """Creates those of the four topics of `topics` that do not exist, and waits for every partition's leader.
 
     interactions and feedback get `partitions` each (the reward join needs them co-partitioned), models and
     dlq one partition (models: one total order of published versions). Existing topics are left as they are.
@@ -131,8 +132,12 @@ def ensure_topics(
                 wanted[other] = existing[have]
         for name, count in existing.items():
             if count != wanted[name]:
-                log.info("topic %s already exists with %d partitions (asked for %d); keeping it", name, count,
-                         wanted[name])
+                log.info(
+                    "topic %s already exists with %d partitions (asked for %d); keeping it",
+                    name,
+                    count,
+                    wanted[name],
+                )
         missing = {
             name: {"num_partitions": n, "replication_factor": replication}
             for name, n in wanted.items()
@@ -140,7 +145,7 @@ def ensure_topics(
         }
         if missing:
             _create(admin, missing, timeout_s)
-            log.info("created topics %s", ", ".join(f"{n} ({c['num_partitions']}p)" for n, c in missing.items()))
+            log.info("created %s", ", ".join(f"{n} ({c['num_partitions']}p)" for n, c in missing.items()))
         try:
             admin.wait_for_topics(list(wanted), timeout_ms=max(deadline - time.monotonic(), 1.0) * 1000)
         except KafkaError as e:
@@ -159,10 +164,17 @@ def read_topic(
         The records, ordered by (partition, offset).
 
     Raises:
-        TimeoutError: saying how many records it got, when that takes longer than `timeout_s`.
+        TimeoutError: saying how many records it got, when that takes longer than `timeout_s` (or when no
+            broker answers).
     """
     deadline = time.monotonic() + timeout_s
-    consumer = make_consumer(bootstrap, group_id=None, client_id="rlhf-online-read-topic")
+    try:
+        consumer = make_consumer(
+            bootstrap, group_id=None, client_id="rlhf-online-read-topic",
+            bootstrap_timeout_ms=_ms_left(deadline),
+        )  # fmt: skip
+    except KafkaTimeoutError as e:
+        raise TimeoutError(f"read_topic({topic!r}): no Kafka broker answered at {bootstrap}: {e}") from e
     try:
         partitions = consumer.partitions_for_topic(topic)
         while not partitions:
@@ -177,13 +189,14 @@ def read_topic(
         records: list[ConsumerRecord] = []
         while True:
             if len(records) >= min_records and all(
-                consumer.position(tp, timeout_ms=_ms_left(deadline)) >= end[tp] for tp in tps
+                (consumer.position(tp, timeout_ms=_ms_left(deadline)) or 0) >= end[tp] for tp in tps
             ):
                 break
             if time.monotonic() > deadline:
+                ends = {tp.partition: offset for tp, offset in sorted(end.items())}
                 raise TimeoutError(
-                    f"read_topic({topic!r}) got {len(records)} records in {timeout_s:.0f}s; "
-                    f"wanted at least {min_records} and the end offsets {dict(sorted((t.partition, o) for t, o in end.items()))}"
+                    f"read_topic({topic!r}) got {len(records)} records in {timeout_s:.0f}s; wanted at least "
+                    f"{min_records} and up to the end offsets {ends} (partition: offset) seen at the start"
                 )
             for batch in consumer.poll(timeout_ms=min(200, _ms_left(deadline))).values():
                 records.extend(batch)

@@ -1,15 +1,15 @@
 """The local single-node Kafka broker: `rlhf-online kafka start|stop|status`.
 
-Runs the official Apache Kafka 4.x broker (KRaft: broker and controller in one JVM) on 127.0.0.1, for the demo
-and the tests. Its jars come from Maven Central through `mvn dependency:copy-dependencies` on the pom.xml beside
-this file and are cached in ~/.cache/rlhf-online/kafka-<version>/libs, so they resolve once per machine.
+Runs the official Apache Kafka 4.x broker (KRaft: broker and controller in one JVM) on 127.0.0.1, for the
+demo and the tests. Its jars come from Maven Central through `mvn dependency:copy-dependencies` on the pom.xml
+beside this file and are cached in ~/.cache/rlhf-online/kafka-<version>/libs: they resolve once per machine.
 
     rlhf-online kafka start     # resolve jars, format .rlhf/kafka, start in the background, create the topics
     rlhf-online kafka status    # exit code 0 when running, 3 when stopped
     rlhf-online kafka stop      # SIGTERM, then SIGKILL after --kafka-stop-timeout-s
 
-The home folder holds server.properties, log4j2.properties, data/ (the log dirs), logs/ (server.log from log4j,
-stdout.log from the JVM), broker.pid and broker.json (the ports it was started with).
+The home folder holds server.properties, log4j2.properties, data/ (the log dirs), logs/ (server.log from
+log4j, stdout.log from the JVM), broker.pid and broker.json (the ports it was started with).
 """
 
 import argparse
@@ -43,6 +43,7 @@ HOST = "127.0.0.1"
 MIN_JAVA = 17  # Kafka 4.x brokers need Java 17+
 HEAP_FLAGS = ["-Xmx512m", "-Xms256m"]
 EXIT_STOPPED = 3
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 _children: dict[int, subprocess.Popen] = {}  # brokers this process started, so their exit can be reaped
 
@@ -67,14 +68,14 @@ class LocalKafkaConfig:
     """Start, stop or check the local single-node Kafka broker."""
 
     kafka_home: Path = field(
-        default=Path(".rlhf/kafka"), metadata={"help": "folder for the broker's config, data, logs and pid file"}
+        default=Path(".rlhf/kafka"), metadata={"help": "folder of the broker's config, data, logs and pid"}
     )
     kafka_port: int = field(default=19092, metadata={"help": "client port on 127.0.0.1"})
     kafka_controller_port: int = field(default=19093, metadata={"help": "KRaft controller port on 127.0.0.1"})
     kafka_partitions: int = field(
-        default=4, metadata={"help": "partitions of the interactions and feedback topics (equal, co-partitioned)"}
+        default=4, metadata={"help": "partitions of interactions and of feedback (co-partitioned)"}
     )
-    topic_prefix: str = field(default=DEFAULT_PREFIX, metadata={"help": "prefix of the topics `start` creates"})
+    topic_prefix: str = field(default=DEFAULT_PREFIX, metadata={"help": "prefix of the topics start creates"})
     kafka_start_timeout_s: float = field(
         default=120.0, metadata={"help": "seconds `start` waits for the broker to answer"}
     )
@@ -83,7 +84,7 @@ class LocalKafkaConfig:
     )
     kafka_cache_dir: Path | None = field(
         default=None,
-        metadata={"help": "where the resolved jars are kept (default $XDG_CACHE_HOME/rlhf-online or ~/.cache/...)"},
+        metadata={"help": "where resolved jars are kept (default $XDG_CACHE_HOME or ~/.cache, /rlhf-online)"},
     )
 
     def __post_init__(self):
@@ -91,7 +92,7 @@ class LocalKafkaConfig:
             if not 0 < getattr(self, name) < 65536:
                 raise ValueError(f"{name}={getattr(self, name)} is not a TCP port; use 1..65535")
         if self.kafka_port == self.kafka_controller_port:
-            raise ValueError(f"kafka_port and kafka_controller_port are both {self.kafka_port}; use two ports")
+            raise ValueError(f"kafka_port and kafka_controller_port are both {self.kafka_port}; use 2 ports")
         if self.kafka_partitions < 1:
             raise ValueError(f"kafka_partitions={self.kafka_partitions}; use 1 or more")
         if self.kafka_start_timeout_s <= 0 or self.kafka_stop_timeout_s <= 0:
@@ -108,10 +109,12 @@ def start_broker(
     controller_port: int = 19093,
     partitions: int = 4,
     timeout_s: float = 120.0,
-    topics: Topics = Topics(),
+    topics: Topics | None = None,
     cache_dir: Path | None = None,
 ) -> str:
-    """Starts the broker in `home` (a no-op when it already runs there) and creates the topics of `topics`.
+    """Starts the broker in `home` (a no-op when it already runs there) and creates the topics.
+
+    `topics` defaults to `Topics()` (prefix "rlhf"); interactions and feedback get `partitions` each.
 
     Returns:
         The bootstrap address, "127.0.0.1:PORT".
@@ -130,16 +133,20 @@ def start_broker(
         if status.running:
             if status.bootstrap != f"{HOST}:{port}":
                 raise BrokerError(
-                    f"the broker in {home} already runs on {status.bootstrap} (pid {status.pid}), not port {port}; "
-                    f"use that address, or `rlhf-online kafka stop --kafka-home {home}` first"
+                    f"the broker in {home} already runs on {status.bootstrap} (pid {status.pid}), not on "
+                    f"port {port}; use that address, or `rlhf-online kafka stop --kafka-home {home}` first"
                 )
             log.info("kafka already running in %s (pid %s, %s)", home, status.pid, status.bootstrap)
             bootstrap = status.bootstrap
-            wait_for_broker(bootstrap, max(deadline - time.monotonic(), 1.0))
+            try:
+                wait_for_broker(bootstrap, max(deadline - time.monotonic(), 1.0))
+            except TimeoutError as e:
+                raise BrokerError(f"{e}\n{_log_tail_message(home)}") from None
         else:
             bootstrap = _start(home, port, controller_port, deadline, cache_dir)
     try:
-        ensure_topics(bootstrap, topics, partitions=partitions, timeout_s=max(deadline - time.monotonic(), 10.0))
+        remaining = max(deadline - time.monotonic(), 10.0)
+        ensure_topics(bootstrap, topics or Topics(), partitions=partitions, timeout_s=remaining)
     except Exception as e:
         raise BrokerError(f"the broker runs on {bootstrap}, but creating the topics failed: {e}") from e
     return bootstrap
@@ -184,7 +191,7 @@ def kafka_version() -> str:
 
 
 def resolve_jars(cache_dir: Path | None = None) -> Path:
-    """The folder of the broker's jars, resolved with Maven into `cache_dir`/kafka-<version>/libs on first use."""
+    """The folder of the broker's jars; Maven resolves them into `cache_dir`/kafka-<version>/libs once."""
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "rlhf-online").expanduser()
     root = cache_dir / f"kafka-{kafka_version()}"
     libs = root / "libs"
@@ -197,23 +204,26 @@ def resolve_jars(cache_dir: Path | None = None) -> Path:
         mvn = shutil.which("mvn")
         if mvn is None:
             raise BrokerError(
-                "mvn (Apache Maven) is not on PATH; it fetches the Kafka broker's jars from Maven Central once. "
-                "Install it (Debian/Ubuntu: `apt-get install maven`, macOS: `brew install maven`) and run again."
+                "mvn (Apache Maven) is not on PATH; it fetches the Kafka broker's jars from Maven Central "
+                "once. Install it (Debian/Ubuntu: `apt-get install maven`, macOS: `brew install maven`) "
+                "and run again."
             )
         work = Path(tempfile.mkdtemp(prefix="resolve-", dir=root))
         try:
             shutil.copy(POM, work / "pom.xml")
-            cmd = [mvn, "-q", "-B", "dependency:copy-dependencies", f"-DoutputDirectory={work / 'libs'}"]
-            log.info("resolving Kafka %s jars from Maven Central (once per machine) into %s", kafka_version(), libs)
+            cmd = [mvn, "-q", "-B", "-Dstyle.color=never", "dependency:copy-dependencies"]
+            cmd.append(f"-DoutputDirectory={work / 'libs'}")
+            log.info("resolving the Kafka %s jars from Maven Central into %s", kafka_version(), libs)
             t0 = time.monotonic()
             try:
                 proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
             except subprocess.TimeoutExpired as e:
                 raise BrokerError("Maven did not finish resolving the Kafka jars within 15 minutes") from e
             if proc.returncode != 0:
+                output = _tail(_ANSI.sub("", proc.stdout + proc.stderr), 30)
                 raise BrokerError(
-                    f"Maven could not resolve org.apache.kafka:kafka_2.13:{kafka_version()} from Maven Central "
-                    f"(exit {proc.returncode}):\n{_tail(proc.stdout + proc.stderr, 30)}\n"
+                    f"Maven could not resolve org.apache.kafka:kafka_2.13:{kafka_version()} from Maven "
+                    f"Central (exit {proc.returncode}):\n{output}\n"
                     "Check that Maven Central is reachable and ~/.m2/settings.xml (proxies, mirrors)."
                 )
             shutil.rmtree(libs, ignore_errors=True)
@@ -232,16 +242,17 @@ def _start(home: Path, port: int, controller_port: int, deadline: float, cache_d
     """Resolves, checks, formats and launches; returns the bootstrap address once the broker answers."""
     from rlhf_online.broker.clients import wait_for_broker
 
-    java = _find_java()
-    libs = resolve_jars(cache_dir)
     _check_port_free(port, "client")
     _check_port_free(controller_port, "controller")
+    java = _find_java()
+    libs = resolve_jars(cache_dir)
     state = _read_state(home)
     formatted = (home / "data" / "meta.properties").exists()
     if formatted and state.get("controller_port", controller_port) != controller_port:
         raise BrokerError(
-            f"{home} was formatted for controller port {state['controller_port']}, which KRaft recorded in its "
-            f"quorum; start with --kafka-controller-port {state['controller_port']}, or delete {home / 'data'}"
+            f"{home} was formatted for controller port {state['controller_port']}, which KRaft recorded in "
+            f"its quorum; start with --kafka-controller-port {state['controller_port']}, or delete "
+            f"{home / 'data'}"
         )
     _write_configs(home, port, controller_port)
     if not formatted:
@@ -250,16 +261,18 @@ def _start(home: Path, port: int, controller_port: int, deadline: float, cache_d
 
     bootstrap = f"{HOST}:{port}"
     t0 = time.monotonic()
-    proc = _launch(java, libs, home)
+    proc, marks = _launch(java, libs, home)
     try:
-        _wait_started(proc, bootstrap, home, deadline)
+        _wait_started(proc, bootstrap, home, deadline, marks)
         wait_for_broker(bootstrap, max(deadline - time.monotonic(), 1.0))
-    except BaseException:
+    except BaseException as e:
         _kill(proc)
         _pid_file(home).unlink(missing_ok=True)
+        if isinstance(e, TimeoutError):
+            raise BrokerError(f"{e}\nIt was stopped again. {_log_tail_message(home, marks)}") from None
         raise
-    log.info("kafka %s answering on %s after %.1fs (pid %d)", kafka_version(), bootstrap, time.monotonic() - t0,
-             proc.pid)
+    elapsed = time.monotonic() - t0
+    log.info("kafka %s answering on %s after %.1fs (pid %d)", kafka_version(), bootstrap, elapsed, proc.pid)
     return bootstrap
 
 
@@ -313,8 +326,8 @@ def _port_holder(port: int) -> str | None:
             for fd in (proc_dir / "fd").iterdir():
                 link = os.readlink(fd)
                 if link.startswith("socket:[") and link[8:-1] in inodes:
-                    cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                    return f"pid {proc_dir.name} ({_shorten(cmdline.strip(), 160)})"
+                    cmdline = " ".join((proc_dir / "cmdline").read_bytes().decode(errors="replace").split())
+                    return f"pid {proc_dir.name} ({_shorten(cmdline, 160)})"
     return "a socket whose owner is not visible to this user"
 
 
@@ -354,6 +367,8 @@ def _write_configs(home: Path, port: int, controller_port: int) -> None:
     logs = home / "logs"
     (home / "log4j2.properties").write_text(
         "status = warn\n"
+        # Kafka logs its own shutdown from a JVM shutdown hook; log4j's hook must not close the file first.
+        "shutdownHook = disable\n"
         "appender.file.type = RollingFile\n"
         "appender.file.name = FILE\n"
         f"appender.file.fileName = {logs / 'server.log'}\n"
@@ -369,6 +384,9 @@ def _write_configs(home: Path, port: int, controller_port: int) -> None:
         "rootLogger.appenderRef.file.ref = FILE\n"
         "logger.state.name = state.change.logger\n"
         "logger.state.level = WARN\n"
+        # Every client and server config object dumps all its settings at INFO: thousands of lines.
+        "logger.config.name = org.apache.kafka.common.config.AbstractConfig\n"
+        "logger.config.level = WARN\n"
     )
 
 
@@ -378,6 +396,8 @@ def _jvm(java: str, libs: Path, home: Path, heap: list[str]) -> list[str]:
         *heap,
         "-XX:+UseG1GC",
         "-XX:MaxGCPauseMillis=20",
+        # C1 only: about 0.7s faster to start on 2 cores, and fast enough for a broker of tests and demos.
+        "-XX:TieredStopAtLevel=1",
         "-XX:+ExitOnOutOfMemoryError",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={home / 'log4j2.properties'}",
@@ -388,9 +408,9 @@ def _jvm(java: str, libs: Path, home: Path, heap: list[str]) -> list[str]:
 
 
 def _format_storage(java: str, libs: Path, home: Path) -> None:
-    # A Kafka cluster id is 16 random bytes in URL-safe base64 without padding.
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-    cmd = _jvm(java, libs, home, ["-Xmx256m"]) + [
+    cluster_id = _random_cluster_id()
+    cmd = [
+        *_jvm(java, libs, home, ["-Xmx256m"]),
         "kafka.tools.StorageTool", "format", "--standalone",
         "--cluster-id", cluster_id, "--config", str(home / "server.properties"),
     ]  # fmt: skip
@@ -403,40 +423,73 @@ def _format_storage(java: str, libs: Path, home: Path) -> None:
     log.info("formatted %s (cluster id %s)", home / "data", cluster_id)
 
 
-def _launch(java: str, libs: Path, home: Path) -> subprocess.Popen:
+def _random_cluster_id() -> str:
+    """16 random bytes in URL-safe base64 without padding, as Kafka's Uuid.randomUuid; never starting with
+    '-', which the storage tool would read as a flag."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
+def _launch(java: str, libs: Path, home: Path) -> tuple[subprocess.Popen, dict[Path, int]]:
+    """Starts the JVM; returns it and the sizes of its logs just before, for `_log_tail_message`."""
     cmd = [*_jvm(java, libs, home, HEAP_FLAGS), "kafka.Kafka", str(home / "server.properties")]
     with open(home / "logs" / "stdout.log", "ab") as out:
         out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         out.flush()
+        marks = _log_marks(home)
         # Its own session: the broker outlives `rlhf-online kafka start` and ignores the terminal's Ctrl-C.
         proc = subprocess.Popen(
-            cmd, cwd=home, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            cmd, cwd=home, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
     _children[proc.pid] = proc
     _pid_file(home).write_text(f"{proc.pid}\n")
-    return proc
+    return proc, marks
 
 
-def _wait_started(proc: subprocess.Popen, bootstrap: str, home: Path, deadline: float) -> None:
+def _wait_started(
+    proc: subprocess.Popen, bootstrap: str, home: Path, deadline: float, marks: dict[Path, int]
+) -> None:
     """Waits until the client port accepts connections; fails early, with the log, if the JVM exits."""
     port = int(bootstrap.rsplit(":", 1)[1])
     while True:
         code = proc.poll()
         if code is not None:
-            raise BrokerError(f"kafka exited with code {code} while starting. {_log_tail_message(home)}")
+            message = _log_tail_message(home, marks)
+            raise BrokerError(f"kafka exited with code {code} while starting.\n{message}")
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1.0):
             return
         if time.monotonic() > deadline:
-            raise BrokerError(f"kafka did not open {bootstrap} in time. {_log_tail_message(home)}")
+            raise BrokerError(f"kafka did not open {bootstrap} in time.\n{_log_tail_message(home, marks)}")
         time.sleep(0.1)
 
 
-def _log_tail_message(home: Path) -> str:
-    parts = []
-    for path in (home / "logs" / "stdout.log", _log_path(home)):
-        with contextlib.suppress(OSError):
-            parts.append(f"--- last lines of {path}:\n{_tail(path.read_text(errors='replace'), 25)}")
-    return "\n".join(parts) or f"No log was written in {home / 'logs'}."
+def _log_marks(home: Path) -> dict[Path, int]:
+    """Sizes of the log files now, so an error can quote only what this launch wrote."""
+    return {path: path.stat().st_size if path.exists() else 0 for path in _log_files(home)}
+
+
+def _log_tail_message(home: Path, marks: dict[Path, int] | None = None) -> str:
+    """The first ERROR lines and the last lines of the logs (since `marks`, where given)."""
+    errors, parts = [], []
+    for path in _log_files(home):
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            start = (marks or {}).get(path, 0)
+            f.seek(start if start <= path.stat().st_size else 0)  # smaller: the log rolled over
+            text = f.read().decode(errors="replace").strip()
+            if text:
+                errors += [line for line in text.splitlines() if " ERROR " in line or " FATAL " in line]
+                parts.append(f"--- last lines of {path}:\n{_tail(text, 25)}")
+    if not parts:
+        return f"Nothing was written to {home / 'logs'}."
+    head = "Errors logged:\n" + "\n".join(errors[:3]) + "\n" if errors else ""
+    return head + "\n".join(parts)
+
+
+def _log_files(home: Path) -> list[Path]:
+    return [home / "logs" / "stdout.log", _log_path(home)]
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -559,9 +612,10 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
         cfg = from_namespace(LocalKafkaConfig, args, env)
     except ValueError as e:
         parser.error(str(e))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # kafka-python's connection retries are noise here
-    cache_dir = cfg.kafka_cache_dir or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlhf-online"
+    cache_root = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cache_dir = cfg.kafka_cache_dir or cache_root / "rlhf-online"
     home = Path(cfg.kafka_home)
     try:
         if args.action == "start":
@@ -572,13 +626,15 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
                 topics=Topics(cfg.topic_prefix), cache_dir=cache_dir,
             )  # fmt: skip
             status = broker_status(home)
-            print(f"kafka: running, pid {status.pid}, bootstrap {bootstrap} "
-                  f"(home {home}, log {status.log_path}; ready in {time.monotonic() - t0:.1f}s)")
+            print(
+                f"kafka: running, pid {status.pid}, bootstrap {bootstrap} "
+                f"(home {home}, log {status.log_path}; ready in {time.monotonic() - t0:.1f}s)"
+            )
             return 0
         if args.action == "stop":
             was = broker_status(home)
             stop_broker(home, timeout_s=cfg.kafka_stop_timeout_s)
-            print(f"kafka: stopped (was pid {was.pid})" if was.running else f"kafka: not running (home {home})")
+            print(f"kafka: stopped (was pid {was.pid})" if was.running else f"kafka: not running ({home})")
             return 0
         status = broker_status(home)
         if status.running:
@@ -589,4 +645,3 @@ def main(argv: list[str], env: Mapping[str, str]) -> int:
     except BrokerError as e:
         print(f"rlhf-online kafka {args.action}: {e}", file=sys.stderr)
         return 1
-

@@ -85,8 +85,8 @@ class ModelAdmin(admin_pb2_grpc.ModelAdminServicer):
             return admin_pb2.RollbackResponse(version=request.version, previous_version=previous)
 
     def _swap_now(self, event: events_pb2.ModelEvent) -> None:
-        if self.follower.apply(event):
-            self.follower.engine.wait_swapped(event.version, timeout=60)
+        if not self.follower.apply(event) or not self.follower.engine.wait_swapped(event.version, timeout=60):
+            raise RuntimeError(f"policy {event.version} verified but did not load; see the server log")
 
     async def _authorize(self, context) -> None:
         if not self._token:

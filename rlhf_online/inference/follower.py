@@ -42,6 +42,8 @@ class ModelFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
         self._start_offsets: dict[TopicPartition, int] = {}
+        self._apply_lock = threading.Lock()
+        self._target: str | None = None  # the version last handed to the engine
 
     def mark_start(self, timeout_s: float = 10.0) -> None:
         """Remembers where the topic ends now. Call it before reading LATEST, so no later event is missed."""
@@ -50,6 +52,7 @@ class ModelFollower:
         self._start_offsets = self._consumer.end_offsets(partitions)
 
     def start(self) -> None:
+        self._target = self.engine.version
         for tp, offset in self._start_offsets.items():
             self._consumer.seek(tp, offset)
         self._thread.start()
@@ -61,23 +64,26 @@ class ModelFollower:
         self._consumer.close()
 
     def apply(self, event: events_pb2.ModelEvent) -> bool:
-        """Loads and swaps in the event's version; False if it was refused or is already serving."""
-        if event.kind != events_pb2.POLICY or event.version == self.engine.version:
+        """Loads and swaps in the event's version. True once that version serves or is about to; False if it
+        was refused. Serialised: the follower thread and a Rollback call may both apply the same event, and
+        concurrent `from_pretrained` calls are not thread-safe."""
+        if event.kind != events_pb2.POLICY:
             return False
-        try:
-            path = self.registry.verify(POLICY, event.version)
-            model = self.load_model(path)
-        except (RegistryError, OSError, ValueError) as e:
-            metrics.SWAP_FAILURES.inc()
-            log.error("refusing policy %s: %s; still serving %s", event.version, e, self.engine.version)
-            return False
-        self.engine.swap(model, event.version)
+        with self._apply_lock:
+            if event.version == self._target:
+                return True
+            try:
+                path = self.registry.verify(POLICY, event.version)
+                model = self.load_model(path)
+            except (RegistryError, OSError, ValueError) as e:
+                metrics.SWAP_FAILURES.inc()
+                log.error("refusing policy %s: %s; still serving %s", event.version, e, self._target)
+                return False
+            self.engine.swap(model, event.version)
+            self._target = event.version
         metrics.SWAPS.inc()
-        log.info(
-            "policy %s loaded (%s); swapping in at the next batch",
-            event.version,
-            events_pb2.ModelAction.Name(event.action),
-        )
+        action = events_pb2.ModelAction.Name(event.action)
+        log.info("policy %s loaded (%s); swapping in at the next batch", event.version, action)
         return True
 
     def _run(self) -> None:

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from rlhf_online.bootstrap import ensure_initial_policy
-from rlhf_online.engine.engine import PolicyEngine, load_policy_model
+from rlhf_online.engine.engine import PolicyEngine, load_policy
 from rlhf_online.inference.admin import ModelAdmin
 from rlhf_online.inference.chat import ChatService
 from rlhf_online.inference.config import InferenceConfig
@@ -72,7 +72,7 @@ async def create_server(config: InferenceConfig) -> InferenceServer:
     events = KafkaEvents(
         config.kafka_bootstrap, client_id=f"inference-{replica}", ack_timeout_s=config.feedback_ack_timeout_s
     )
-    load = lambda path: load_policy_model(path, device=config.device)  # noqa: E731
+    load = lambda path: load_policy(path, device=config.device)  # noqa: E731
     engine, follower = await asyncio.to_thread(_start_engine, config, registry, topics, load, replica)
     chat = ChatService(config, engine, events, _signer(config), topics)
     server = grpc.aio.server()

@@ -12,7 +12,9 @@ class RewardConfig:
     topic_prefix: str = field(default="rlhf", metadata={"help": "prefix of the Kafka topic names"})
     registry_dir: str = field(default=".rlhf/registry", metadata={"help": "model registry root folder"})
     grpc_port: int = field(default=50053, metadata={"help": "gRPC health port (0 picks a free port)"})
-    metrics_port: int = field(default=9103, metadata={"help": "Prometheus metrics port (0 picks a free port)"})
+    metrics_port: int = field(
+        default=9103, metadata={"help": "Prometheus metrics port (0 picks a free port)"}
+    )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     # ---- Kafka
     group_id: str = field(default="rlhf-reward", metadata={"help": "consumer group of the reward service"})
@@ -51,16 +53,21 @@ class RewardConfig:
     pairwise_coef: float = field(
         default=1.0, metadata={"help": "weight of the Bradley-Terry loss on up/down pairs of one prompt"}
     )
-    class_weighting: bool = field(default=True, metadata={"help": "balance thumbs up/down in the pointwise loss"})
+    class_weighting: bool = field(
+        default=True, metadata={"help": "balance thumbs up/down in the pointwise loss"}
+    )
     # ---- held-out evaluation
     heldout_fraction: float = field(
         default=0.1, metadata={"help": "fraction of events (by hash of event_id) never trained on"}
     )
     heldout_window: int = field(default=512, metadata={"help": "most recent held-out examples evaluated"})
-    eval_every_updates: int = field(default=5, metadata={"help": "evaluate the held-out window every N updates"})
+    eval_every_updates: int = field(
+        default=5, metadata={"help": "evaluate the held-out window every N updates"}
+    )
     # ---- join
     join_ttl_s: float = field(
-        default=3600.0, metadata={"help": "how long (stream time) an interaction waits for ratings and vice versa"}
+        default=3600.0,
+        metadata={"help": "how long (stream time) an interaction waits for ratings and vice versa"},
     )
     join_max_interactions: int = field(default=100_000, metadata={"help": "interactions held for the join"})
     join_max_waiting: int = field(default=100_000, metadata={"help": "ratings held waiting for interactions"})
@@ -69,9 +76,12 @@ class RewardConfig:
         default=20, metadata={"help": "publish a reward checkpoint (and commit offsets) every K updates"}
     )
     checkpoint_interval_s: float = field(
-        default=0.0, metadata={"help": "also publish when the last checkpoint is this old, if it has news (0: off)"}
+        default=0.0,
+        metadata={"help": "also publish when the last checkpoint is this old, if it has news (0: off)"},
     )
-    keep_versions: int = field(default=5, metadata={"help": "reward versions kept by retention (0 keeps all)"})
+    keep_versions: int = field(
+        default=5, metadata={"help": "reward versions kept by retention (0 keeps all)"}
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -94,7 +104,10 @@ class RewardConfig:
             (self.checkpoint_every_updates >= 1, "--checkpoint-every-updates must be >= 1"),
             (self.checkpoint_interval_s >= 0, "--checkpoint-interval-s must be >= 0"),
             (self.keep_versions >= 0, "--keep-versions must be >= 0 (0 keeps every version)"),
-            (self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "--log-level: DEBUG/INFO/WARNING/ERROR"),
+            (
+                self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+                "--log-level: DEBUG/INFO/WARNING/ERROR",
+            ),
         ]
         for ok, message in checks:
             if not ok:

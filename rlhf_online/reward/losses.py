@@ -3,8 +3,9 @@
 The score s(x, y) of a response y to a prompt x is a logit: P(thumbs up | x, y) = sigmoid(s). Two losses:
 - pointwise logistic loss on single ratings (binary cross-entropy on the logit), class-weighted so a skewed
   up/down ratio does not teach the model to predict the majority;
-- Bradley-Terry pairwise loss -log sigmoid(s_up - s_down) when the same prompt has both an up and a down response
-  (Bradley & Terry 1952; Ouyang et al. 2022, "Training language models to follow instructions", eq. 1).
+- Bradley-Terry pairwise loss -log sigmoid(s_up - s_down) when the same prompt has both an up and a down
+  response (Bradley & Terry 1952; Ouyang et al. 2022, "Training language models to follow instructions",
+  eq. 1).
 """
 
 import math
@@ -15,11 +16,11 @@ import torch.nn.functional as F
 
 def class_weights(n_up: int, n_down: int) -> tuple[float, float]:
     """Weights (w_up, w_down) that make both classes count equally: w_c = N / (2 N_c) (the "balanced"
-    heuristic of King & Zeng 2001, as in scikit-learn). 1.0 for a class not seen yet."""
+    heuristic of King & Zeng 2001, as in scikit-learn). (1, 1) until both classes were seen."""
+    if n_up == 0 or n_down == 0:
+        return 1.0, 1.0
     total = n_up + n_down
-    w_up = total / (2 * n_up) if n_up else 1.0
-    w_down = total / (2 * n_down) if n_down else 1.0
-    return w_up, w_down
+    return total / (2 * n_up), total / (2 * n_down)
 
 
 def pointwise_logistic_loss(
@@ -49,7 +50,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     return -F.logsigmoid(chosen - rejected).mean()
 
 
-def preference_pairs(prompts: list[str], labels: list[float], max_per_prompt: int = 4) -> list[tuple[int, int]]:
+def preference_pairs(
+    prompts: list[str], labels: list[float], max_per_prompt: int = 4
+) -> list[tuple[int, int]]:
     """Index pairs (i_up, j_down) of examples in a batch that share a prompt and disagree in label.
 
     At most `max_per_prompt` pairs per prompt, so one popular prompt does not dominate the pairwise loss.

@@ -10,31 +10,47 @@ class SimulateConfig:
 
     target: str = field(default="127.0.0.1:50051", metadata={"help": "host:port of the ChatService."})
     prompts_file: str = field(
-        default="", metadata={"help": "Prompt file, one prompt per line ('#' comments); empty: the built-in one."}
+        default="",
+        metadata={"help": "Prompt file, one prompt per line ('#' comments); empty: the built-in one."},
     )
     judge: str = field(
         default="lowercase",
-        metadata={"help": "Hidden preference: a built-in (lowercase, vowels, charclass, length, keyword) or "
-                          "module:function taking (prompt, response) and returning a bool or P(thumbs up)."},
+        metadata={
+            "help": "Hidden preference: a built-in (lowercase, vowels, charclass, length, keyword) or "
+            "module:function taking (prompt, response) and returning a bool or P(thumbs up)."
+        },
     )
     judge_args: str = field(
         default="", metadata={"help": "Options of a built-in judge, e.g. threshold=0.4,temperature=0.05."}
     )
     rater_noise: float = field(
-        default=0.1, metadata={"help": "Chance that a rater votes against their own judgement (raters disagree)."}
+        default=0.1,
+        metadata={"help": "Chance that a rater votes against their own judgement (raters disagree)."},
     )
     rated_share: float = field(default=1.0, metadata={"help": "Share of answers the users rate, in (0, 1]."})
     stream_share: float = field(default=0.5, metadata={"help": "Share of requests sent with ChatStream."})
     concurrency: int = field(default=4, metadata={"help": "Requests in flight at once."})
-    users: int = field(default=100, metadata={"help": "Distinct simulated users (user ids) the requests come from."})
-    rate: float = field(default=0.0, metadata={"help": "Requests per second across all users; 0: as fast as served."})
-    duration_s: float = field(default=60.0, metadata={"help": "Stop after this many seconds; 0: no time limit."})
+    users: int = field(
+        default=100, metadata={"help": "Distinct simulated users (user ids) the requests come from."}
+    )
+    rate: float = field(
+        default=0.0, metadata={"help": "Requests per second across all users; 0: as fast as served."}
+    )
+    duration_s: float = field(
+        default=60.0, metadata={"help": "Stop after this many seconds; 0: no time limit."}
+    )
     max_requests: int = field(default=0, metadata={"help": "Stop after this many requests; 0: no limit."})
-    max_new_tokens: int = field(default=0, metadata={"help": "max_new_tokens of each request; 0: server default."})
-    temperature: float = field(default=-1.0, metadata={"help": "Sampling temperature; negative: server default."})
+    max_new_tokens: int = field(
+        default=0, metadata={"help": "max_new_tokens of each request; 0: server default."}
+    )
+    temperature: float = field(
+        default=-1.0, metadata={"help": "Sampling temperature; negative: server default."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the users' choices (prompts, ratings, noise)."})
     chat_deadline_s: float = field(default=120.0, metadata={"help": "Deadline of one Chat/ChatStream call."})
-    feedback_deadline_s: float = field(default=30.0, metadata={"help": "Deadline of one SubmitFeedback call."})
+    feedback_deadline_s: float = field(
+        default=30.0, metadata={"help": "Deadline of one SubmitFeedback call."}
+    )
     outcomes_path: str = field(
         default="", metadata={"help": "Write one JSON line per request (answer, version, rating, ack) here."}
     )
@@ -64,13 +80,87 @@ class ReportConfig:
 
     kafka_bootstrap: str = field(default="127.0.0.1:19092", metadata={"help": "Kafka bootstrap servers."})
     topic_prefix: str = field(default="rlhf", metadata={"help": "Prefix of the Kafka topic names."})
-    out_dir: str = field(default="", metadata={"help": "Folder to write report.html and plots into; empty: "
-                                                       "runs/<timestamp>."})
+    out_dir: str = field(
+        default="", metadata={"help": "Folder to write report.html and plots into; empty: runs/<timestamp>."}
+    )
     outcomes_path: str = field(
-        default="", metadata={"help": "Simulator outcomes (JSON lines) to add the hidden judge's score; optional."}
+        default="",
+        metadata={"help": "Simulator outcomes (JSON lines) to add the hidden judge's score; optional."},
+    )
+    rounds_path: str = field(
+        default="",
+        metadata={"help": "PPO rounds recorded by the demo (JSON lines), to include rejected rounds."},
+    )
+    min_ratings: int = field(
+        default=20, metadata={"help": "Ratings a version needs to count in the verdict."}
     )
     since_ms: int = field(default=0, metadata={"help": "Ignore records older than this Unix time in ms."})
-    time_bin_s: float = field(default=0.0, metadata={"help": "Width of the time bins of the up-rate plot; "
-                                                             "0: chosen from the run's length."})
+    time_bin_s: float = field(
+        default=0.0,
+        metadata={"help": "Width of the time bins of the up-rate plot; 0: chosen from the run's length."},
+    )
     title: str = field(default="rlhf-online run", metadata={"help": "Title of the report."})
     log_level: str = field(default="INFO", metadata={"help": "Python log level."})
+
+
+@dataclass
+class DemoConfig:
+    """Run the whole loop on this machine (broker, three services, simulated users) and write a report."""
+
+    duration_s: float = field(default=420.0, metadata={"help": "Seconds the simulated users chat and rate."})
+    run_dir: str = field(
+        default="",
+        metadata={"help": "Folder of this run's logs, registry and report; empty: runs/<timestamp>."},
+    )
+    model_dir: str = field(
+        default="",
+        metadata={
+            "help": "Hugging Face model directory to start from; empty: the tiny model, "
+            "written to .rlhf/models/tiny if missing."
+        },
+    )
+    device: str = field(default="cpu", metadata={"help": "Torch device of the three services: cpu or cuda."})
+    torch_threads: int = field(
+        default=1, metadata={"help": "CPU threads per service (they share the machine); 0: torch's default."}
+    )
+    kafka_bootstrap: str = field(
+        default="", metadata={"help": "Use this running broker; empty: start (or reuse) the local one."}
+    )
+    kafka_home: str = field(default=".rlhf/kafka", metadata={"help": "Home folder of the local broker."})
+    keep_broker: bool = field(default=False, metadata={"help": "Leave a broker the demo started running."})
+    topic_prefix: str = field(
+        default="", metadata={"help": "Topic prefix of this run; empty: demo-<timestamp>, so runs never mix."}
+    )
+    judge: str = field(
+        default="lowercase", metadata={"help": "Hidden preference of the users (see simulate)."}
+    )
+    judge_args: str = field(default="", metadata={"help": "Options of a built-in judge."})
+    rater_noise: float = field(
+        default=0.1, metadata={"help": "Chance a rater votes against their judgement."}
+    )
+    rated_share: float = field(default=1.0, metadata={"help": "Share of answers rated."})
+    concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})
+    users: int = field(default=200, metadata={"help": "Distinct simulated users."})
+    rate: float = field(default=0.0, metadata={"help": "Requests per second; 0: as fast as served."})
+    seed: int = field(default=0, metadata={"help": "Seed of the users and the services."})
+    inference_args: str = field(
+        default="", metadata={"help": "Extra flags for serve-inference (shell words)."}
+    )
+    reward_args: str = field(default="", metadata={"help": "Extra flags for serve-reward (shell words)."})
+    trainer_args: str = field(default="", metadata={"help": "Extra flags for serve-trainer (shell words)."})
+    startup_timeout_s: float = field(
+        default=300.0, metadata={"help": "Longest wait for a service to be ready."}
+    )
+    shutdown_timeout_s: float = field(default=60.0, metadata={"help": "Wait after SIGTERM before SIGKILL."})
+    refresh_s: float = field(default=1.0, metadata={"help": "Seconds between updates of the display."})
+    log_level: str = field(
+        default="INFO", metadata={"help": "Log level of the services (their logs go to <run_dir>/logs)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0:
+            raise ValueError("duration_s must be > 0")
+        if self.refresh_s <= 0 or self.startup_timeout_s <= 0 or self.shutdown_timeout_s <= 0:
+            raise ValueError("refresh_s, startup_timeout_s and shutdown_timeout_s must be > 0")
+        if self.torch_threads < 0:
+            raise ValueError("torch_threads must be >= 0")

@@ -1,7 +1,7 @@
 """Hidden preferences of simulated users: a judge maps (prompt, response) to the chance of a thumbs up.
 
-The system never sees a judge; it only sees the thumbs the simulator derives from it, so a judge plays the part
-of what real users like. A judge returns a bool (a firm verdict) or a probability in [0, 1].
+The system never sees a judge; it only sees the thumbs the simulator derives from it, so a judge plays the
+part of what real users like. A judge returns a bool (a firm verdict) or a probability in [0, 1].
 
 Built-in judges (`--judge NAME`, options as `--judge-args key=value,key=value`):
 
@@ -15,9 +15,9 @@ Any Python callable works too: `--judge mypackage.mymodule:likes_cats`, where
 `def likes_cats(prompt: str, response: str) -> bool | float`.
 
 Why `lowercase` is the demo's default: the tiny demo model has a character-level tokenizer over printable
-ASCII and starts near uniform over it, so about 27% of its characters are lowercase letters. A preference for a
-larger share is a per-token signal: every sampled character moves the verdict a little, which the reward model
-picks up from a few hundred ratings and PPO turns into a policy that writes more lowercase letters.
+ASCII and starts near uniform over it, so about 27% of its characters are lowercase letters. A preference for
+a larger share is a per-token signal: every sampled character moves the verdict a little, which the reward
+model picks up from a few hundred ratings and PPO turns into a policy that writes more lowercase letters.
 """
 
 import importlib
@@ -46,7 +46,7 @@ def char_share(text: str, chars: Iterable[str]) -> float:
 
 @dataclass(frozen=True)
 class CharClassJudge:
-    """P(up) = sigmoid((share - threshold) / temperature), share = fraction of the answer's characters in `chars`.
+    """P(up) = sigmoid((share - threshold) / temperature), share = fraction of the answer's chars in `chars`.
 
     Answers shorter than `min_chars` get P(up) = 0, so an empty or one-letter answer is never a cheap win.
     """
@@ -64,7 +64,7 @@ class CharClassJudge:
 
 @dataclass(frozen=True)
 class LengthJudge:
-    """P(up) falls off with the distance of the answer's length (characters) from `target`: a Gaussian bump."""
+    """P(up) falls off with the distance of the answer's length in characters from `target` (a Gaussian)."""
 
     target: int = 80
     width: float = 20.0
@@ -85,8 +85,12 @@ class KeywordJudge:
         return 1.0 if any(k.lower() in lowered for k in self.keywords) else self.base
 
 
-def lowercase(threshold: float = 0.36, temperature: float = 0.03, min_chars: int = 8) -> CharClassJudge:
-    """Likes lowercase letters. With ~27% lowercase in a near-uniform random answer, P(up) starts near 15-25%."""
+def lowercase(threshold: float = 0.38, temperature: float = 0.03, min_chars: int = 8) -> CharClassJudge:
+    """Likes lowercase letters.
+
+    The tiny model's answers are 28% lowercase on average (sd 7% over 48 characters), so P(up) starts near 14%
+    (21% with 10% rater noise) and can rise to 1 (0.9 with noise); measured on 256 built-in prompts.
+    """
     return CharClassJudge(frozenset(string.ascii_lowercase), threshold, temperature, min_chars)
 
 
@@ -95,8 +99,12 @@ def vowels(threshold: float = 0.14, temperature: float = 0.02, min_chars: int = 
     return CharClassJudge(frozenset("aeiouAEIOU"), threshold, temperature, min_chars)
 
 
-def charclass(chars: str = string.ascii_lowercase, threshold: float = 0.36, temperature: float = 0.03,
-              min_chars: int = 8) -> CharClassJudge:
+def charclass(
+    chars: str = string.ascii_lowercase,
+    threshold: float = 0.36,
+    temperature: float = 0.03,
+    min_chars: int = 8,
+) -> CharClassJudge:
     """Likes any set of characters, given literally (`chars=abc`)."""
     if not chars:
         raise ValueError("charclass needs a non-empty chars=...")
@@ -130,7 +138,9 @@ def parse_judge_args(text: str) -> dict[str, str]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"judge argument {part!r} is not key=value; write e.g. threshold=0.4,temperature=0.05")
+            raise ValueError(
+                f"judge argument {part!r} is not key=value; write e.g. threshold=0.4,temperature=0.05"
+            )
         args[key.strip()] = value.strip()
     return args
 
@@ -147,7 +157,9 @@ def load_judge(spec: str, args: str = "") -> Judge:
             raise ValueError(f"cannot import judge module {module_name!r} ({e}); is it on PYTHONPATH?") from e
         judge = getattr(module, attr, None)
         if not callable(judge):
-            raise ValueError(f"{module_name!r} has no callable {attr!r}; a judge is f(prompt, response) -> bool|float")
+            raise ValueError(
+                f"{module_name!r} has no callable {attr!r}; a judge is f(prompt, response) -> bool|float"
+            )
         return judge
     if spec not in BUILTIN:
         raise ValueError(f"unknown judge {spec!r}; use one of {sorted(BUILTIN)} or module:function")
@@ -156,7 +168,9 @@ def load_judge(spec: str, args: str = "") -> Judge:
     kwargs = {}
     for key, raw in parse_judge_args(args).items():
         if key not in hints or key == "return":
-            raise ValueError(f"judge {spec!r} has no option {key!r}; it takes {sorted(set(hints) - {'return'})}")
+            raise ValueError(
+                f"judge {spec!r} has no option {key!r}; it takes {sorted(set(hints) - {'return'})}"
+            )
         kind = hints[key]
         try:
             kwargs[key] = kind(raw) if kind in (int, float) else raw

@@ -105,7 +105,7 @@ def add_lora(lm: PreTrainedModel, r: int, alpha: int, dropout: float, target_mod
 
 
 def load_value_head(folder: str | Path, hidden_size: int) -> nn.Linear:
-    """The value head saved beside a policy version, or a fresh zero one (V = 0 everywhere) if there is none."""
+    """The value head saved beside a policy version, else a fresh zero one (V = 0 everywhere)."""
     head = nn.Linear(hidden_size, 1)
     path = Path(folder) / VALUE_HEAD_FILE
     if path.is_file():

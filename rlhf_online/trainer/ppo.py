@@ -1,6 +1,7 @@
 """PPO for language models as short pure functions on tensors.
 
-Shapes: B = rollouts in the batch, T = response tokens (right-padded after the first end-of-sequence), V = vocab.
+Shapes: B = rollouts in the batch, T = response tokens (right-padded after the first end-of-sequence),
+V = vocabulary.
 `mask` is 1.0 on real response tokens (the end-of-sequence token included) and 0.0 on padding.
 
 Sources:
@@ -108,7 +109,7 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row of a right-padded mask; (B, T) -> (B,). Rows need >= 1 token."""
+    """Index of the last real token of each row of a right-padded mask; (B, T) -> (B,)."""
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # (B, T)
     return torch.where(mask > 0, positions, torch.zeros_like(positions)).max(dim=1).values  # (B,)
 
@@ -231,7 +232,9 @@ def value_loss(
         loss: () scalar to minimise.
         clip_frac: () share of tokens where the clipped term was taken.
     """
-    values_clipped = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)  # (B, T)
+    values_clipped = torch.clamp(
+        values, old_values - clip_range_value, old_values + clip_range_value
+    )  # (B, T)
     losses = (values - returns) ** 2  # (B, T)
     losses_clipped = (values_clipped - returns) ** 2  # (B, T)
     loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask)

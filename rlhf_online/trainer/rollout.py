@@ -44,7 +44,11 @@ class Rollouts:
         return Rollouts(
             prompts=[self.prompts[i] for i in rows],
             responses=[self.responses[i] for i in rows],
-            **{f.name: getattr(self, f.name)[index] for f in fields(self) if f.name not in ("prompts", "responses")},
+            **{
+                f.name: getattr(self, f.name)[index]
+                for f in fields(self)
+                if f.name not in ("prompts", "responses")
+            },
         )
 
 
@@ -171,15 +175,15 @@ def concat_rollouts(chunks: list[Rollouts], pad_token_id: int) -> Rollouts:
                 pad(c.response_mask, 0, dt, 0.0),
             )
         )
-    query_ids, response_ids, attention_mask, position_ids, response_mask = (torch.cat(t) for t in zip(*parts))
+    query_ids, response_ids, attention_mask, position_ids, response_mask = (
+        torch.cat(t) for t in zip(*parts, strict=True)
+    )
     prompts = [p for c in chunks for p in c.prompts]
     responses = [r for c in chunks for r in c.responses]
     return Rollouts(prompts, responses, query_ids, response_ids, attention_mask, position_ids, response_mask)
 
 
-def response_logits(
-    lm: nn.Module, rollouts: Rollouts, temperature: float
-) -> torch.Tensor:
+def response_logits(lm: nn.Module, rollouts: Rollouts, temperature: float) -> torch.Tensor:
     """Logits (divided by the temperature) that predict each response token; (B, T, V)."""
     T = rollouts.response_ids.shape[1]
     out = lm(
@@ -193,9 +197,7 @@ def response_logits(
 
 
 @torch.no_grad()
-def response_logprobs(
-    lm: nn.Module, rollouts: Rollouts, temperature: float, batch_size: int
-) -> torch.Tensor:
+def response_logprobs(lm: nn.Module, rollouts: Rollouts, temperature: float, batch_size: int) -> torch.Tensor:
     """log pi(a_t | s_t) of every response token under `lm`, in chunks of `batch_size`; (B, T)."""
     out = []
     for start in range(0, len(rollouts), batch_size):

@@ -1,0 +1,156 @@
+"""The reward model: a transformer backbone with a scalar head (AutoModelForSequenceClassification, 1 label).
+
+It scores the text `prompt + response` (the rendered prompt exactly as the policy saw it, then the answer);
+the score is a logit of P(thumbs up | prompt, response). The trainer loads it with:
+
+    reward_model = load_reward_model(registry.verify("reward", registry.latest("reward")))
+    rewards = reward_model.score(prompts, responses)  # (B,)
+
+Most of the backbone stays frozen (classic RLHF practice, and it keeps online updates cheap on CPU): only the
+top `trainable_layers` transformer blocks, the final norm and the head learn.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+REWARD_CONFIG = "reward_config.json"
+
+
+class RewardModel(nn.Module):
+    """Sequence classifier with one logit, plus the tokenization that goes with it."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, max_length: int = 256) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        if backbone.config.pad_token_id is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            if pad is None:
+                raise ValueError(
+                    "the tokenizer has neither a pad nor an eos token; set pad_token in the base model"
+                )
+            backbone.config.pad_token_id = pad
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids of `prompt + response`, truncated from the left to `max_length` (the answer matters
+        most), with bos/eos where the tokenizer has them, right-padded.
+
+        Returns: input_ids (B, T) and attention_mask (B, T).
+        """
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        room = self.max_length - len(bos) - len(eos)
+        bodies = tok(texts, add_special_tokens=False)["input_ids"]
+        rows = [bos + body[max(0, len(body) - room) :] + eos for body in bodies]
+        width = max(len(r) for r in rows)
+        pad = self.backbone.config.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, : len(row)] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) of token ids (B, T); the head reads the last non-pad token."""
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]  # (B,)
+
+    def logits(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Scores (B,) with gradients, for training."""
+        return self(**self.encode(prompts, responses))
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Rewards (B,) of responses to prompts: the logit of P(thumbs up). No gradients; float32 on CPU."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = [
+                self.logits(prompts[i : i + batch_size], responses[i : i + batch_size]).float().cpu()
+                for i in range(0, len(prompts), batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def save(self, path: str | Path) -> None:
+        """Writes a folder that `load_reward_model` reads (and that Hugging Face can load on its own)."""
+        path = Path(path)
+        self.backbone.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        (path / REWARD_CONFIG).write_text(json.dumps({"max_length": self.max_length}, indent=2) + "\n")
+
+
+def load_reward_model(path: str | Path, device: str = "cpu") -> RewardModel:
+    """Loads a reward model folder (a verified registry version, or a base model to start from).
+
+    A base causal LM gets a freshly initialised scalar head (seed torch before calling for a fixed init).
+    """
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    backbone = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    settings = json.loads((path / REWARD_CONFIG).read_text()) if (path / REWARD_CONFIG).exists() else {}
+    model = RewardModel(backbone, tokenizer, max_length=int(settings.get("max_length", 256)))
+    return model.to(device)
+
+
+def init_reward_model(
+    base_dir: str | Path, *, max_length: int, seed: int, device: str = "cpu"
+) -> RewardModel:
+    """A new reward model: the backbone of `base_dir` with a scalar head initialised from `seed`."""
+    torch.manual_seed(seed)
+    model = load_reward_model(base_dir, device=device)
+    model.max_length = max_length
+    log.info("initialised the reward model from %s (%.2fM parameters)", base_dir, _millions(model))
+    return model
+
+
+def freeze_lower_layers(model: RewardModel, trainable_layers: int) -> int:
+    """Freezes the backbone except its top `trainable_layers` blocks, their final norm and the head
+    (-1 trains everything). Returns the number of trainable parameters."""
+    backbone = model.backbone
+    for p in backbone.parameters():
+        p.requires_grad_(trainable_layers < 0)
+    if trainable_layers >= 0:
+        inner = backbone.base_model
+        prefix = backbone.base_model_prefix + "."
+        blocks = _blocks(inner)
+        for block in blocks[len(blocks) - trainable_layers :] if trainable_layers else []:
+            block.requires_grad_(True)
+        for name, p in backbone.named_parameters():
+            if not name.startswith(prefix):  # the head
+                p.requires_grad_(True)
+        if trainable_layers > 0:
+            for name, module in inner.named_children():
+                if "norm" in name or name in ("ln_f", "final_layer_norm"):
+                    module.requires_grad_(True)
+    return sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+
+
+def _blocks(inner: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the ModuleList as long as config.num_hidden_layers."""
+    n = getattr(inner.config, "num_hidden_layers", None)
+    for module in inner.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(
+        f"cannot find the {n} transformer blocks of {type(inner).__name__}; use --trainable-layers -1"
+    )
+
+
+def _millions(model: nn.Module) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6

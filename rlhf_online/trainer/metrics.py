@@ -1,0 +1,46 @@
+"""Prometheus metrics of the trainer service (default registry, served on --metrics-port)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ROUNDS = Counter("rlhf_trainer_rounds_total", "PPO rounds, by outcome.", ["outcome"])
+# outcome: published | rejected | failed | abandoned
+GATE_DECISIONS = Counter("rlhf_trainer_gate_decisions_total", "Eval gate verdicts, by result code.", ["code"])
+ROUND_DURATION = Histogram(
+    "rlhf_trainer_round_duration_seconds",
+    "Wall time of a whole round (rollouts, scoring, PPO, eval gate).",
+    buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
+)
+PHASE_SECONDS = Gauge("rlhf_trainer_phase_seconds", "Wall time of each phase of the last round.", ["phase"])
+ROLLOUTS_PER_SECOND = Gauge("rlhf_trainer_rollouts_per_second", "Rollout sampling throughput, last round.")
+REWARD_MEAN = Gauge("rlhf_trainer_reward_mean", "Mean reward-model score of the last round's rollouts.")
+KL = Gauge("rlhf_trainer_kl_nats", "KL(policy || reference) per response of the last round's rollouts.")
+KL_COEF = Gauge("rlhf_trainer_kl_coef", "KL coefficient beta for the next round.")
+LOSS = Gauge("rlhf_trainer_loss", "Mean PPO losses of the last round, by term.", ["term"])  # pg, value, total
+CLIP_FRACTION = Gauge("rlhf_trainer_clip_fraction", "Share of tokens clipped in the last round.", ["term"])
+ENTROPY = Gauge("rlhf_trainer_entropy_nats", "Mean per-token policy entropy in the last round.")
+GATE_SCORE = Gauge("rlhf_trainer_gate_score", "Held-out mean reward at the last gate, by policy.", ["policy"])
+GATE_KL = Gauge("rlhf_trainer_gate_kl_nats", "Held-out KL(candidate || reference) at the last gate.")
+NEW_RATINGS = Gauge("rlhf_trainer_new_ratings", "Ratings seen since the last round.")
+PROMPT_POOL = Gauge("rlhf_trainer_prompt_pool", "Prompts available to train and evaluate on.")
+PUBLISHED_VERSION = Gauge(
+    "rlhf_trainer_published_version", "Number of the last policy version published (v000007 -> 7)."
+)
+
+
+def record_round(stats: dict[str, float], gate: dict[str, float]) -> None:
+    """Sets the per-round gauges from a round's stats and gate figures."""
+    REWARD_MEAN.set(stats["reward_mean"])
+    KL.set(stats["kl_per_response"])
+    KL_COEF.set(stats["kl_coef_next"])
+    ROLLOUTS_PER_SECOND.set(stats["rollouts_per_s"])
+    ENTROPY.set(stats["ppo_entropy"])
+    LOSS.labels("pg").set(stats["ppo_pg_loss"])
+    LOSS.labels("value").set(stats["ppo_v_loss"])
+    LOSS.labels("total").set(stats["ppo_loss"])
+    CLIP_FRACTION.labels("policy").set(stats["ppo_clip_frac"])
+    CLIP_FRACTION.labels("value").set(stats["ppo_v_clip_frac"])
+    for phase in ("eval_serving", "generate", "score", "experience", "train", "eval_candidate"):
+        PHASE_SECONDS.labels(phase).set(stats[f"{phase}_s"])
+    GATE_SCORE.labels("candidate").set(gate["gate_candidate_score"])
+    GATE_SCORE.labels("serving").set(gate["gate_serving_score"])
+    GATE_KL.set(gate["gate_kl_to_reference"])

@@ -1,0 +1,136 @@
+"""The stream join of ratings with interactions: both arrival orders, expiry, duplicates, bounds, offsets."""
+
+import pytest
+
+from rlhf_online.proto.rlhf.v1 import chat_pb2, events_pb2
+from rlhf_online.reward.join import FEEDBACK, INTERACTIONS, JoinBuffer
+from rlhf_online.reward.records import (
+    BadRecord,
+    Feedback,
+    Interaction,
+    parse_feedback,
+    parse_interaction,
+)
+
+TTL = 60_000
+
+
+def interaction(rid: str, ts: int = 1000) -> Interaction:
+    return Interaction(rid, f"prompt of {rid}", f"answer of {rid}", "policy-v1", ts)
+
+
+def feedback(rid: str, user: str = "u1", ts: int = 2000, label: float = 1.0) -> Feedback:
+    return Feedback(f"{rid}/{user}", rid, label, user, "policy-v1", ts)
+
+
+def test_interaction_first_then_ratings_from_two_users():
+    join = JoinBuffer(TTL)
+    assert join.add_interaction(0, 10, interaction("r1")).examples == []
+    out1 = join.add_feedback(0, 20, feedback("r1", "u1", label=1.0))
+    out2 = join.add_feedback(0, 21, feedback("r1", "u2", label=0.0))
+    [ex1], [ex2] = out1.examples, out2.examples
+    assert (ex1.event_id, ex1.prompt, ex1.response, ex1.label) == (
+        "r1/u1",
+        "prompt of r1",
+        "answer of r1",
+        1.0,
+    )
+    assert (ex2.event_id, ex2.label, ex2.model_version, ex2.timestamp_ms) == ("r1/u2", 0.0, "policy-v1", 2000)
+    # The interaction stays for later ratings, holding its offset; the matched ratings hold nothing.
+    assert join.n_interactions == 1 and join.n_waiting == 0
+    assert join.lowest_held_offset(INTERACTIONS, 0) == 10
+    assert join.lowest_held_offset(FEEDBACK, 0) is None
+    assert join.counts["matched"] == 2
+
+
+def test_rating_first_waits_for_its_interaction():
+    join = JoinBuffer(TTL)
+    assert join.add_feedback(1, 5, feedback("r1", "u1")).examples == []
+    assert join.add_feedback(1, 6, feedback("r1", "u2")).examples == []
+    assert join.n_waiting == 2 and join.lowest_held_offset(FEEDBACK, 1) == 5
+    out = join.add_interaction(1, 3, interaction("r1"))
+    assert sorted(ex.event_id for ex in out.examples) == ["r1/u1", "r1/u2"]
+    assert join.n_waiting == 0 and join.lowest_held_offset(FEEDBACK, 1) is None
+    assert join.lowest_held_offset(INTERACTIONS, 1) == 3
+
+
+def test_unmatched_rating_expires_into_the_dead_letters_in_stream_time():
+    join = JoinBuffer(TTL)
+    join.add_feedback(0, 7, feedback("ghost", ts=1000), key=b"ghost", value=b"raw-bytes")
+    # Feedback time moving on does not expire it: the interactions side may just be behind.
+    assert join.add_feedback(0, 8, feedback("other", ts=10**9)).dead == []
+    # An interaction far enough in stream time does.
+    out = join.add_interaction(0, 1, interaction("late", ts=1000 + TTL + 1))
+    [dead] = out.dead
+    assert dead.side == FEEDBACK and (dead.partition, dead.offset) == (0, 7)
+    assert (dead.key, dead.value) == (b"ghost", b"raw-bytes")
+    assert dead.reason.startswith("expired: no interaction for response_id ghost within TTL")
+    assert join.counts["feedback_expired"] == 1
+    # Watermarks are per partition: partition 1 is not affected by partition 0's time.
+    join.add_feedback(1, 0, feedback("p1", ts=1000))
+    join.add_interaction(0, 2, interaction("later", ts=10**9))
+    assert join.is_waiting("p1/u1")
+
+
+def test_interaction_expires_once_ratings_move_past_its_ttl():
+    join = JoinBuffer(TTL)
+    join.add_interaction(0, 4, interaction("r1", ts=1000))
+    join.add_interaction(0, 5, interaction("r2", ts=50_000))
+    join.add_feedback(0, 9, feedback("r2", ts=1000 + TTL + 1))  # past r1's TTL, within r2's
+    assert join.n_interactions == 1 and join.counts["interaction_expired"] == 1
+    assert join.lowest_held_offset(INTERACTIONS, 0) == 5
+    # A rating for the expired interaction now waits (and will expire as unmatched).
+    assert join.add_feedback(0, 10, feedback("r1", "u9", ts=1000 + TTL + 2)).examples == []
+    assert join.is_waiting("r1/u9")
+
+
+def test_duplicates_are_counted_not_joined_twice():
+    join = JoinBuffer(TTL)
+    join.add_feedback(0, 1, feedback("r1"))
+    join.add_feedback(0, 2, feedback("r1"))  # same event_id while waiting
+    join.add_interaction(0, 3, interaction("r1"))
+    assert join.add_interaction(0, 4, interaction("r1")).examples == []  # same response_id again
+    assert join.counts["duplicate_feedback"] == 1 and join.counts["duplicate_interaction"] == 1
+    assert join.counts["matched"] == 1
+
+
+def test_bounded_buffer_evicts_the_oldest():
+    join = JoinBuffer(TTL, max_interactions=2, max_waiting=2)
+    for i in range(3):
+        join.add_interaction(0, i, interaction(f"r{i}"))
+    assert join.n_interactions == 2 and join.counts["interaction_evicted"] == 1
+    assert join.lowest_held_offset(INTERACTIONS, 0) == 1
+    dead = []
+    for i in range(3):
+        dead += join.add_feedback(0, 10 + i, feedback(f"missing{i}")).dead
+    assert join.n_waiting == 2 and [d.offset for d in dead] == [10]
+    assert dead[0].reason.startswith("evicted: join buffer full")
+
+
+def test_dropping_revoked_partitions_releases_their_offsets():
+    join = JoinBuffer(TTL)
+    join.add_interaction(0, 1, interaction("a"))
+    join.add_interaction(1, 1, interaction("b"))
+    join.add_feedback(1, 2, feedback("c"))
+    assert join.drop_partitions({1}) == 2
+    assert join.n_interactions == 1 and join.n_waiting == 0
+    assert join.lowest_held_offset(INTERACTIONS, 1) is None
+    assert join.lowest_held_offset(INTERACTIONS, 0) == 1
+
+
+def test_parse_records_and_refuse_bad_ones():
+    msg = events_pb2.FeedbackEvent(
+        event_id="e1", response_id="r1", rating=chat_pb2.THUMBS_DOWN, user_id="u", timestamp_ms=5
+    )
+    fb = parse_feedback(msg.SerializeToString())
+    assert (fb.event_id, fb.label, fb.timestamp_ms) == ("e1", 0.0, 5)
+    inter = events_pb2.Interaction(response_id="r1", prompt="p", response="a", timestamp_ms=3)
+    assert parse_interaction(inter.SerializeToString()).prompt == "p"
+    with pytest.raises(BadRecord, match="cannot parse"):
+        parse_feedback(b"\xff\xff\xff")
+    with pytest.raises(BadRecord, match="rating"):
+        parse_feedback(events_pb2.FeedbackEvent(event_id="e", response_id="r").SerializeToString())
+    with pytest.raises(BadRecord, match="no response_id"):
+        parse_interaction(b"")
+    with pytest.raises(BadRecord, match="empty record"):
+        parse_feedback(None)
