@@ -12,7 +12,7 @@ from rlhf_online.broker.clients import make_producer, read_topic
 from rlhf_online.engine.tiny_model import write_tiny_model
 from rlhf_online.inference import metrics
 from rlhf_online.inference.server import create_server
-from rlhf_online.proto.rlhf.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc, events_pb2
+from rlhf_online.proto.rlhf.v1 import admin_pb2, admin_pb2_grpc, chat_pb2_grpc, events_pb2
 from rlhf_online.registry import Registry
 from tests.test_inference_server import ask, config_for
 

@@ -1,0 +1,125 @@
+"""Load figures for the inference service: Chat latency, SubmitFeedback throughput, batch sizes.
+
+Runs a real server in-process (port 0, tiny model, CPU) against a running Kafka broker and drives it with
+real gRPC clients:
+
+    rlhf-online kafka start
+    .venv/bin/python benchmarks/inference_load.py --kafka-bootstrap 127.0.0.1:19092
+
+It prints Chat latency p50/p95 alone and under concurrency, acknowledged SubmitFeedback RPCs per second from
+concurrent clients, and the largest batch the engine ran.
+"""
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from rlhf_online.broker.clients import ensure_topics
+from rlhf_online.engine.tiny_model import write_tiny_model
+from rlhf_online.inference.config import InferenceConfig
+from rlhf_online.inference.server import create_server
+from rlhf_online.proto.rlhf.v1 import chat_pb2, chat_pb2_grpc
+from rlhf_online.topics import Topics
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+async def chat_latencies(
+    stub, clients: int, per_client: int, max_new_tokens: int
+) -> tuple[list[float], list[str]]:
+    latencies, ids = [], []
+
+    async def client(i: int) -> None:
+        for j in range(per_client):
+            request = chat_pb2.ChatRequest(
+                messages=[chat_pb2.Message(role="user", content=f"question {i}.{j}: how are you?")],
+                params=chat_pb2.GenerationParams(max_new_tokens=max_new_tokens, seed=i * 1000 + j),
+                user_id=f"user{i}",
+            )
+            start = time.perf_counter()
+            reply = await stub.Chat(request, timeout=120)
+            latencies.append(time.perf_counter() - start)
+            ids.append(reply.response_id)
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return latencies, ids
+
+
+async def feedback_rate(stub, response_ids: list[str], clients: int) -> tuple[int, float]:
+    queue = list(response_ids)
+    done = 0
+
+    async def client(i: int) -> None:
+        nonlocal done
+        while queue:
+            rid = queue.pop()
+            request = chat_pb2.FeedbackRequest(
+                response_id=rid, rating=chat_pb2.THUMBS_UP, user_id=f"rater{i}"
+            )
+            await stub.SubmitFeedback(request, timeout=30)
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return done, time.perf_counter() - start
+
+
+async def main(args: argparse.Namespace) -> None:
+    topics = Topics(f"bench{uuid.uuid4().hex[:6]}")
+    ensure_topics(args.kafka_bootstrap, topics, partitions=4)
+    work = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
+    write_tiny_model(work / "tiny", seed=0)
+    config = InferenceConfig(
+        grpc_port=0,
+        metrics_port=-1,
+        kafka_bootstrap=args.kafka_bootstrap,
+        topic_prefix=topics.prefix,
+        registry_dir=str(work / "registry"),
+        base_model_dir=str(work / "tiny"),
+        signing_key="b" * 32,
+        max_batch_size=args.max_batch_size,
+        feedback_burst=100_000,
+        feedback_rate_per_s=100_000,
+        replica_id="bench",
+    )
+    running = await create_server(config)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        await chat_latencies(stub, 1, 3, args.max_new_tokens)  # warm-up
+        alone, _ = await chat_latencies(stub, 1, args.requests, args.max_new_tokens)
+        loaded, ids = await chat_latencies(stub, args.clients, args.requests, args.max_new_tokens)
+        count, seconds = await feedback_rate(stub, ids * 4, args.feedback_clients)
+    print(f"tiny model, CPU, max_new_tokens={args.max_new_tokens}, max_batch_size={args.max_batch_size}")
+    print(
+        f"Chat alone:         p50 {percentile(alone, 50) * 1000:.0f} ms, "
+        f"p95 {percentile(alone, 95) * 1000:.0f} ms ({len(alone)} requests)"
+    )
+    print(
+        f"Chat {args.clients} clients:  p50 {percentile(loaded, 50) * 1000:.0f} ms, "
+        f"p95 {percentile(loaded, 95) * 1000:.0f} ms ({len(loaded)} requests)"
+    )
+    print(
+        f"SubmitFeedback:     {count / seconds:.0f} acknowledged RPCs/s ({count} RPCs, "
+        f"{args.feedback_clients} clients)"
+    )
+    print(f"largest batch seen: {running.engine.largest_batch_seen}")
+    await running.stop(grace_s=1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kafka-bootstrap", default="127.0.0.1:19092")
+    parser.add_argument("--requests", type=int, default=20, help="Chat requests per client")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--feedback-clients", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    asyncio.run(main(parser.parse_args()))
