@@ -14,11 +14,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 from kafka.admin import KafkaAdminClient
 
 from rlhf_online.broker.clients import ensure_topics, wait_for_broker
 from rlhf_online.broker.local import broker_status, start_broker, stop_broker
 from rlhf_online.topics import Topics
+
+# Two threads on a 2-core machine shared with a broker and servers run ~10x slower than one.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_TEST_HOME = REPO / ".rlhf" / "kafka-test"

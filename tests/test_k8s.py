@@ -7,7 +7,6 @@ kustomize comes from `k8s/tools/install-kustomize.sh` (built once with `go insta
 are read from `../shared/crds` beside the repository; without them the custom resources are reported skipped.
 """
 
-import dataclasses
 import importlib
 import json
 import re
@@ -253,7 +252,7 @@ def test_deployments_run_their_service(objects):
         assert main_container(found[component])["command"] == ["rlhf-online", subcommand]
 
 
-def test_env_is_exactly_what_the_services_read(objects):
+def test_env_sets_only_settings_the_services_read(objects):
     """Every RLHF_* variable set on a container is a field of that service's config, with a valid value."""
     for component, deployment in deployments(objects).items():
         config_cls = load_class(SERVICES[component][1])
@@ -261,8 +260,7 @@ def test_env_is_exactly_what_the_services_read(objects):
         rlhf = {k: v for k, v in env.items() if k.startswith("RLHF_")}
         unread = sorted(set(rlhf) - env_names(config_cls))
         assert not unread, f"{component} sets {unread}, which {config_cls.__name__} does not read"
-        config = parse_config(config_cls, [], rlhf)
-        assert dataclasses.is_dataclass(config)
+        parse_config(config_cls, [], rlhf)  # raises on a value of the wrong type or out of range
 
 
 def test_secrets_come_from_the_secret(objects):

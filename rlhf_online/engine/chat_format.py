@@ -19,6 +19,6 @@ def render_prompt(tokenizer, messages: Messages) -> str:
 
 
 def plain_prompt(messages: Messages) -> str:
-    """"System: ...\\nUser: ...\\nAssistant:" for tokenizers without a chat template."""
+    """For tokenizers without a chat template: `Role: content` lines, then `Assistant:`."""
     turns = [f"{role.capitalize()}: {content}\n" for role, content in messages]
     return "".join(turns) + "Assistant:"

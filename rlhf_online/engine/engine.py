@@ -234,17 +234,30 @@ class _Row:
         rest = self.decoder.flush()
         if rest:
             self.stream._push(TextDelta(rest))
-        self.stream._push(Finished(
-            text=self.decoder.text(), model_version=version, prompt_tokens=len(self.request.prompt_ids),
-            completion_tokens=self.completion_tokens, finish_reason=reason,
-        ))
+        self.stream._push(
+            Finished(
+                text=self.decoder.text(),
+                model_version=version,
+                prompt_tokens=len(self.request.prompt_ids),
+                completion_tokens=self.completion_tokens,
+                finish_reason=reason,
+            )
+        )
 
 
 class PolicyEngine:
     """Generates answers for many concurrent requests with one model, batching those that wait together."""
 
-    def __init__(self, model, tokenizer, version: str, *, device: str = "cpu", max_batch_size: int = 8,
-                 max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        version: str,
+        *,
+        device: str = "cpu",
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+    ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}) and max_queue ({max_queue}) must be >= 1")
         self.tokenizer = tokenizer
@@ -414,16 +427,20 @@ class PolicyEngine:
         positions = position_ids(mask)  # (B, T)
         temperature = torch.tensor([row.params.temperature for row in rows], device=self.device)  # (B,)
         top_p = torch.tensor([row.params.top_p for row in rows], device=self.device)  # (B,)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
+        out = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
         step = 0
         while True:
             cache = out.past_key_values
             logits = out.logits[:, -1, :].float()  # (B, V)
             tokens = choose_tokens(logits, temperature, top_p, [row.generator for row in rows])  # (B,)
             GENERATED_TOKENS.inc(len(rows))
-            alive = [i for i, (row, t) in enumerate(zip(rows, tokens.tolist(), strict=True))
-                     if row.advance(t, stop_ids, version)]
+            alive = [
+                i
+                for i, (row, t) in enumerate(zip(rows, tokens.tolist(), strict=True))
+                if row.advance(t, stop_ids, version)
+            ]
             if self.step_hook is not None:
                 self.step_hook(step)
             alive = [i for i in alive if not rows[i].stream.cancelled]
@@ -441,8 +458,13 @@ class PolicyEngine:
                 rows = [rows[i] for i in alive]
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T + step + 1)
             positions = positions[:, -1:] + 1  # (B, 1)
-            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True)
+            out = model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
             step += 1
 
     def _install(self, model, version: str) -> None:

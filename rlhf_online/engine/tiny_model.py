@@ -44,7 +44,10 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=512,
         max_position_embeddings=512,
     ),
 }
@@ -57,8 +60,13 @@ def build_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()  # concatenate, no spaces between tokens
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-        model_max_length=model_max_length, clean_up_tokenization_spaces=False,
+        tokenizer_object=tokenizer,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -84,7 +92,8 @@ def build_model(tokenizer: PreTrainedTokenizerFast, preset: Preset, seed: int) -
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return model.eval()

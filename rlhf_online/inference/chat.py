@@ -65,7 +65,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
     ) -> chat_pb2.ChatResponse:
         with _observed("Chat") as status:
             prepared = await self._prepare(request, context, status)
-            async for event in self._generate(prepared):
+            async for event in self._generate(prepared, context, status):
                 if isinstance(event, Finished):
                     response_id = self._publish_interaction(request, prepared, event)
                     return chat_pb2.ChatResponse(
@@ -83,7 +83,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
     ) -> AsyncIterator[chat_pb2.ChatChunk]:
         with _observed("ChatStream") as status:
             prepared = await self._prepare(request, context, status)
-            async for event in self._generate(prepared):
+            async for event in self._generate(prepared, context, status):
                 if isinstance(event, TextDelta):
                     yield chat_pb2.ChatChunk(text=event.text)
                 else:
@@ -162,13 +162,20 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         except EngineStopped as e:
             await _abort(context, status, RequestError(grpc.StatusCode.UNAVAILABLE, str(e)))
 
-    async def _generate(self, prepared: "_Prepared") -> AsyncIterator[TextDelta | Finished]:
+    async def _generate(self, prepared: "_Prepared", context, status) -> AsyncIterator[TextDelta | Finished]:
         """The engine's events; the request leaves its batch if the caller goes away."""
         finished = False
         try:
             async for event in prepared.stream:
                 finished = isinstance(event, Finished)
                 yield event
+        except EngineStopped as e:
+            await _abort(
+                context, status, RequestError(grpc.StatusCode.UNAVAILABLE, f"server shutting down: {e}")
+            )
+        except RuntimeError as e:
+            log.exception("generation failed")
+            await _abort(context, status, RequestError(grpc.StatusCode.INTERNAL, str(e)))
         finally:
             if not finished:
                 prepared.stream.cancel()

@@ -24,6 +24,9 @@ class InferenceConfig:
         },
     )
     device: str = field(default="cpu", metadata={"help": "Torch device: cpu, cuda, cuda:1 (bf16 on CUDA)."})
+    torch_threads: int = field(
+        default=1, metadata={"help": "torch CPU threads for generation (0: torch's default, all cores)."}
+    )
     max_batch_size: int = field(
         default=8, metadata={"help": "Most requests generated together in one batch."}
     )

@@ -52,7 +52,7 @@ class PolicyWithValueHead(nn.Module):
 
 def load_causal_lm(path: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
     """A plain causal LM in float32 from a model folder (call `Registry.verify` first)."""
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.to(device)
 
 

@@ -57,16 +57,13 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask, keeping the last `max_prompt_tokens` tokens of each prompt.
 
-    Prompts are already rendered with the chat template, so no special tokens are added here unless the
-    rendered text lacks the tokenizer's BOS.
+    Tokenized the way the serving engine does (`PolicyEngine.encode_chat`): a chat template writes its own
+    special tokens, a plain transcript gets the tokenizer's usual ones.
     """
-    rows = []
-    for prompt in prompts:
-        add_bos = tokenizer.bos_token is not None and not prompt.startswith(tokenizer.bos_token)
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if add_bos and tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id, *ids]
-        rows.append(ids[-max_prompt_tokens:])
+    with_specials = not getattr(tokenizer, "chat_template", None)
+    rows = [tokenizer.encode(p, add_special_tokens=with_specials)[-max_prompt_tokens:] for p in prompts]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    rows = [row or [start] for row in rows]  # an empty prompt still needs one token to condition on
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
