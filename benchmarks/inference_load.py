@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import torch
 
 from rlhf_online.broker.clients import ensure_topics
 from rlhf_online.engine.tiny_model import write_tiny_model
@@ -53,17 +54,16 @@ async def chat_latencies(
     return latencies, ids
 
 
-async def feedback_rate(stub, response_ids: list[str], clients: int) -> tuple[int, float]:
-    queue = list(response_ids)
+async def feedback_rate(stub, response_ids: list[str], raters: int, clients: int) -> tuple[int, float]:
+    # One vote per user and answer, as the service enforces.
+    queue = [(rid, f"rater{k}") for k in range(raters) for rid in response_ids]
     done = 0
 
     async def client(i: int) -> None:
         nonlocal done
         while queue:
-            rid = queue.pop()
-            request = chat_pb2.FeedbackRequest(
-                response_id=rid, rating=chat_pb2.THUMBS_UP, user_id=f"rater{i}"
-            )
+            rid, user = queue.pop()
+            request = chat_pb2.FeedbackRequest(response_id=rid, rating=chat_pb2.THUMBS_UP, user_id=user)
             await stub.SubmitFeedback(request, timeout=30)
             done += 1
 
@@ -73,6 +73,7 @@ async def feedback_rate(stub, response_ids: list[str], clients: int) -> tuple[in
 
 
 async def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.torch_threads)  # the service's default
     topics = Topics(f"bench{uuid.uuid4().hex[:6]}")
     ensure_topics(args.kafka_bootstrap, topics, partitions=4)
     work = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
@@ -96,7 +97,7 @@ async def main(args: argparse.Namespace) -> None:
         await chat_latencies(stub, 1, 3, args.max_new_tokens)  # warm-up
         alone, _ = await chat_latencies(stub, 1, args.requests, args.max_new_tokens)
         loaded, ids = await chat_latencies(stub, args.clients, args.requests, args.max_new_tokens)
-        count, seconds = await feedback_rate(stub, ids * 4, args.feedback_clients)
+        count, seconds = await feedback_rate(stub, ids, 4, args.feedback_clients)
     print(f"tiny model, CPU, max_new_tokens={args.max_new_tokens}, max_batch_size={args.max_batch_size}")
     print(
         f"Chat alone:         p50 {percentile(alone, 50) * 1000:.0f} ms, "
@@ -122,4 +123,5 @@ if __name__ == "__main__":
     parser.add_argument("--feedback-clients", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--torch-threads", type=int, default=1)
     asyncio.run(main(parser.parse_args()))

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 from kafka import KafkaConsumer, TopicPartition
+from prometheus_client import REGISTRY
 from transformers import AutoTokenizer
 
 from rlhf_online.bootstrap import ensure_initial_policy
@@ -49,6 +50,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def gate_decisions(code: str) -> float:
+    return REGISTRY.get_sample_value("rlhf_trainer_gate_decisions_total", {"code": code}) or 0.0
 
 
 def publish_reward_checkpoint(registry: Registry, base_dir) -> str:
@@ -97,6 +102,7 @@ def test_ratings_lead_to_a_gated_published_version_and_model_event(
         kafka_bootstrap=kafka_bootstrap, topic_prefix=topics.prefix, registry_dir=str(registry.root),
         grpc_port=0, consumer_group=group, min_new_ratings=40, round_interval_s=0, poll_interval_s=0.2,
     )  # fmt: skip
+    passed_before = gate_decisions("passed")
     service = create_service(config)
     service.start()
     try:
@@ -120,6 +126,10 @@ def test_ratings_lead_to_a_gated_published_version_and_model_event(
     )
     assert manifest.metrics["gate_passed"] == 1.0
     assert manifest.metrics["gate_candidate_score"] > manifest.metrics["gate_serving_score"]
+    assert gate_decisions("passed") == passed_before + 1
+    assert REGISTRY.get_sample_value("rlhf_trainer_reward_mean") == pytest.approx(
+        manifest.metrics["reward_mean"]
+    )
 
     events = [
         events_pb2.ModelEvent.FromString(r.value)

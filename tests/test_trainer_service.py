@@ -14,7 +14,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rlhf_online.bootstrap import ensure_initial_policy
+from rlhf_online.bootstrap import copy_model_files, ensure_initial_policy
 from rlhf_online.config import parse_config
 from rlhf_online.registry import Registry
 from rlhf_online.trainer.config import TrainerConfig
@@ -77,6 +77,14 @@ def test_config_validation_says_what_to_change():
     assert config.train_mode == "lora" and config.min_new_ratings == 7
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """The service sets torch's thread count (default 1) for the whole process; put it back afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def registry_with_models(tiny_model_dir, tmp_path):
     registry = Registry(tmp_path / "registry")
@@ -124,6 +132,45 @@ def test_health_serves_and_a_stop_during_a_round_publishes_nothing(registry_with
     assert service.versions_published == 0 and service.rounds_run == 0 and service.rounds_failed == 0
     leftovers = [p.name for p in (registry.root / "policy").iterdir() if p.name.startswith(".tmp")]
     assert leftovers == []
+
+
+def vowel_reward(prompts, responses):
+    return torch.tensor([10.0 * sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses])
+
+
+def test_a_rollback_during_a_round_drops_the_candidate(registry_with_models, tiny_model_dir):
+    registry, prompt_file = registry_with_models
+    registry.publish("policy", lambda tmp: copy_model_files(tiny_model_dir, tmp), parent_version="v000001")
+    config = TrainerConfig(
+        kafka_bootstrap="", registry_dir=str(registry.root), prompt_file=str(prompt_file), grpc_port=0,
+        min_new_ratings=0, round_interval_s=0.01, poll_interval_s=0.05, rollouts_per_round=32,
+    )  # fmt: skip
+    loads = []
+    service = None
+
+    def reward_loader(path, device):
+        loads.append(path)
+        first_round = len(loads) == 1
+
+        def reward_fn(prompts, responses):
+            if first_round:
+                registry.set_latest("policy", "v000001")  # an operator's Rollback while the round trains
+                return vowel_reward(prompts, responses)
+            wait_for(lambda: service.stopping, 60, "the stop")  # hold the next round until stop()
+            return torch.zeros(len(responses))
+
+        return reward_fn
+
+    service = create_service(config, reward_loader=reward_loader)
+    service.start()
+    try:
+        wait_for(lambda: len(loads) >= 2 or service.gate_rejections, 120, "the round after the dropped one")
+    finally:
+        service.stop()
+    assert service.gate_rejections == 0 and service.rounds_run == 0
+    assert registry.versions("policy") == ["v000001", "v000002"]
+    assert registry.latest("policy") == "v000001"
+    assert service.versions_published == 0
 
 
 def test_serve_trainer_exits_0_on_sigterm(tiny_model_dir, tmp_path):

@@ -31,9 +31,9 @@ class TrainerConfig:
         default="",
         metadata={"help": "Model folder published as the first policy version when the registry has none."},
     )
-    grpc_port: int = field(default=50053, metadata={"help": "Port of the gRPC health service (0: any free)."})
+    grpc_port: int = field(default=50052, metadata={"help": "Port of the gRPC health service (0: any free)."})
     metrics_port: int = field(
-        default=9103, metadata={"help": "Port of the Prometheus metrics (0: any free)."}
+        default=9102, metadata={"help": "Port of the Prometheus metrics (0: any free, -1: off)."}
     )
     log_level: str = field(default="INFO", metadata={"help": "Python log level."})
     device: str = field(default="auto", metadata={"help": "torch device: auto (cuda if present), cpu, cuda."})

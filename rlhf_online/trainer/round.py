@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 
 class RoundAbandoned(Exception):
-    """The round was stopped (shutdown) before it finished; nothing was published."""
+    """The round was stopped (shutdown) or went stale (serving moved); nothing was published."""
 
 
 @dataclass

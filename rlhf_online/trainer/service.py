@@ -121,7 +121,7 @@ class TrainerService:
             config.kl_controller, config.kl_coef, config.kl_target, config.kl_horizon
         )
         # test-friendly counters
-        self.rounds_run = 0  # rounds that reached the gate
+        self.rounds_run = 0  # rounds that finished: published or rejected by the gate
         self.versions_published = 0
         self.gate_rejections = 0
         self.rounds_failed = 0
@@ -428,21 +428,26 @@ class TrainerService:
             should_stop=self._stop.is_set,
             name=name,
         )
-        self.rounds_run += 1
-        self.last_result = result
         decision = result.decision
         metrics.GATE_DECISIONS.labels(decision.code).inc()
         metrics.record_round(result.stats, decision.figures())
-        if not decision.passed:
+        if decision.passed:
+            self._publish(name, result, tokenizer, policy_version, reward_version, reference_version)
+        else:
             self.gate_rejections += 1
             metrics.ROUNDS.labels("rejected").inc()
-            log.warning(
-                "%s: gate rejected the candidate (%s); serving stays %s",
-                name,
-                decision.reason,
-                policy_version,
-            )
-            return result
+            log.warning("%s: gate rejected the candidate (%s); nothing published", name, decision.reason)
+        self.last_result = result
+        self.rounds_run += 1
+        return result
+
+    def _publish(self, name, result, tokenizer, policy_version, reward_version, reference_version) -> None:
+        """Registry first (atomic), then the ModelEvent that makes serving swap."""
+        serving_now = self.registry.latest(POLICY)
+        if serving_now != policy_version:
+            # An operator rolled back (or another writer published) during the round: publishing now would
+            # override that decision, so the candidate is dropped.
+            raise RoundAbandoned(f"serving moved from {policy_version} to {serving_now} during the round")
         # From here the round finishes even if asked to stop: the publish is one atomic step.
         manifest = publish_policy(
             self.registry,
@@ -453,7 +458,6 @@ class TrainerService:
             reference_version=reference_version,
             extra={"kl_coef_next": self.kl_ctl.value, "round": name},
         )
-        self.versions_published += 1
         self.last_published = manifest.version
         metrics.ROUNDS.labels("published").inc()
         metrics.PUBLISHED_VERSION.set(version_number(manifest.version))
@@ -469,15 +473,15 @@ class TrainerService:
                     timestamp_ms=int(time.time() * 1000),
                 )
             )
+        self.versions_published += 1
         log.info(
             "%s: published policy %s (parent %s, reward %s, gate %+.4f)",
             name,
             manifest.version,
             policy_version,
             reward_version,
-            decision.improvement,
+            result.decision.improvement,
         )
-        return result
 
     def _reference_for(self, policy_version: str) -> tuple[str, torch.nn.Module]:
         """The lineage's reference policy: the manifest says which, else the first policy version."""
