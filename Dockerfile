@@ -5,8 +5,9 @@
 #   CPU nodes:  docker build -t ghcr.io/rlhf-online/rlhf-online:0.1.0 .
 #   GPU nodes:  docker build --build-arg TORCH_VARIANT=cuda -t ghcr.io/rlhf-online/rlhf-online-cuda:0.1.0 .
 # The CUDA variant installs PyPI's default Linux torch wheel, which bundles the CUDA runtime (CUDA 13 for
-# torch 2.15), so the slim base works on a GPU node whose NVIDIA driver supports it. For an older driver pick a
-# matching PyTorch index, e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126.
+# torch 2.15), so the slim base works on a GPU node whose NVIDIA driver supports it. For an older driver pick
+# the PyTorch index of a CUDA version it supports: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ
+# (and TORCH_VERSION, if that index lacks the default).
 # Linted by hadolint in CI (tests/test_dockerfile.py); no Docker engine runs on the project's CI machines.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

@@ -7,12 +7,14 @@ kustomize comes from `k8s/tools/install-kustomize.sh` (built once with `go insta
 are read from `../shared/crds` beside the repository; without them the custom resources are reported skipped.
 """
 
+import functools
 import importlib
 import json
+import math
 import re
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,24 +59,29 @@ def kustomize() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-_built: dict[str, list[dict[str, Any]]] = {}
+@pytest.fixture(scope="session")
+def build(kustomize) -> Callable[[str], list[dict[str, Any]]]:
+    """build(overlay): its `kustomize build` output, one dict per resource (built once per session)."""
 
-
-@pytest.fixture(params=OVERLAYS)
-def overlay(request, kustomize) -> str:
-    return request.param
-
-
-@pytest.fixture
-def objects(overlay, kustomize) -> list[dict[str, Any]]:
-    """The overlay's `kustomize build` output, one dict per resource (built once per session)."""
-    if overlay not in _built:
+    @functools.cache
+    def built(overlay: str) -> list[dict[str, Any]]:
         done = subprocess.run(
             [kustomize, "build", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=False
         )
         assert done.returncode == 0, f"kustomize build k8s/overlays/{overlay} failed:\n{done.stderr}"
-        _built[overlay] = [d for d in yaml.safe_load_all(done.stdout) if d]
-    return _built[overlay]
+        return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+    return built
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def objects(overlay, build) -> list[dict[str, Any]]:
+    return build(overlay)
 
 
 def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -98,7 +105,7 @@ def main_container(deployment: dict[str, Any]) -> dict[str, Any]:
 
 
 def container_env(container: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, str]:
-    """The environment a container starts with; values from secrets or fields become placeholders."""
+    """The environment a container starts with; values from secrets or pod fields become placeholders."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         assert "configMapRef" in source, (
@@ -108,8 +115,20 @@ def container_env(container: dict[str, Any], objects: list[dict[str, Any]]) -> d
         env.update({source.get("prefix", "") + k: v for k, v in data.items()})
     for var in container.get("env", []):
         ref = var.get("valueFrom", {})
-        env[var["name"]] = var["value"] if "value" in var else f"<{next(iter(ref), 'unset')}>"
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif "resourceFieldRef" in ref:
+            env[var["name"]] = resource_field(container, ref["resourceFieldRef"])
+        else:
+            env[var["name"]] = f"<{next(iter(ref), 'unset')}>"
     return env
+
+
+def resource_field(container: dict[str, Any], ref: dict[str, str]) -> str:
+    """What the kubelet puts in a resourceFieldRef variable for a CPU limit: cores, rounded up."""
+    assert ref["resource"] == "limits.cpu" and str(ref.get("divisor", "1")) == "1", ref
+    cpu = str(container["resources"]["limits"]["cpu"])
+    return str(math.ceil(int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)))
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -299,9 +318,8 @@ def test_ports_and_grpc_probes(objects):
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= {"grpc", "metrics"}
 
 
-def test_dev_writes_the_base_model_it_points_at(objects, overlay):
-    if overlay != "dev":
-        pytest.skip("only dev writes the tiny model")
+def test_dev_writes_the_base_model_it_points_at(build):
+    objects = build("dev")
     for deployment in deployments(objects).values():
         base_dir = container_env(main_container(deployment), objects)["RLHF_BASE_MODEL_DIR"]
         (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
@@ -384,9 +402,8 @@ def test_network_policy_opens_only_inference_grpc(objects):
         assert open_at_all == ({"grpc", "metrics"} if component == "inference" else {"metrics"}), component
 
 
-def test_prod_trainer_gets_a_gpu(objects, overlay):
-    if overlay != "prod":
-        pytest.skip("only prod asks for a GPU")
+def test_prod_trainer_gets_a_gpu(build):
+    objects = build("prod")
     trainer = main_container(deployments(objects)["trainer"])
     assert trainer["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert trainer["image"].split(":")[0].endswith("-cuda")
@@ -441,11 +458,9 @@ def defined_metrics() -> set[str]:
     return names
 
 
-def test_monitoring_matches_services_and_metrics(objects):
-    monitors = of_kind(objects, "ServiceMonitor")
-    if not monitors:
-        pytest.skip("this overlay leaves out the monitoring component")
-    (monitor,) = monitors
+def test_monitoring_matches_services_and_metrics(build):
+    objects = build("prod")  # the overlay with the monitoring component
+    (monitor,) = of_kind(objects, "ServiceMonitor")
     services = [
         s
         for s in of_kind(objects, "Service")

@@ -66,7 +66,8 @@ def publish_checkpoint(
     extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """Publishes the learner (model + state) as the next reward version, applying waiting examples first."""
-    learner.update()  # a checkpoint includes every example admitted so far
+    while learner.pending:  # a checkpoint includes every example admitted so far
+        learner.update()
     state = learner.state()
 
     def write(tmp: Path) -> None:

@@ -17,7 +17,9 @@ class RewardConfig:
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     # ---- Kafka
-    group_id: str = field(default="rlhf-reward", metadata={"help": "consumer group of the reward service"})
+    group_id: str = field(
+        default="", metadata={"help": "consumer group of the reward service (empty: TOPIC_PREFIX.reward)"}
+    )
     client_id: str = field(default="rlhf-reward", metadata={"help": "Kafka client id prefix"})
     # ---- model
     base_model_dir: str = field(
@@ -35,11 +37,11 @@ class RewardConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed of the head init, replay sampling and batching"})
     # ---- learning
-    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     update_every_examples: int = field(
-        default=32, metadata={"help": "update once this many new training examples are waiting"}
+        default=16, metadata={"help": "update once this many new training examples are waiting"}
     )
     update_interval_s: float = field(
         default=5.0, metadata={"help": "...or once the oldest waiting example is this old (seconds)"}
@@ -48,7 +50,7 @@ class RewardConfig:
         default=1.0, metadata={"help": "replayed old examples per new example in each update"}
     )
     replay_capacity: int = field(default=4096, metadata={"help": "size of the replay buffer (reservoir)"})
-    steps_per_update: int = field(default=1, metadata={"help": "optimizer steps on each update's batch"})
+    steps_per_update: int = field(default=2, metadata={"help": "optimizer steps on each update's batch"})
     micro_batch_size: int = field(default=32, metadata={"help": "examples per forward/backward pass"})
     pairwise_coef: float = field(
         default=1.0, metadata={"help": "weight of the Bradley-Terry loss on up/down pairs of one prompt"}
@@ -60,9 +62,9 @@ class RewardConfig:
     heldout_fraction: float = field(
         default=0.1, metadata={"help": "fraction of events (by hash of event_id) never trained on"}
     )
-    heldout_window: int = field(default=512, metadata={"help": "most recent held-out examples evaluated"})
+    heldout_window: int = field(default=256, metadata={"help": "most recent held-out examples evaluated"})
     eval_every_updates: int = field(
-        default=5, metadata={"help": "evaluate the held-out window every N updates"}
+        default=10, metadata={"help": "evaluate the held-out window every N updates"}
     )
     # ---- join
     join_ttl_s: float = field(

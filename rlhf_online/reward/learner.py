@@ -43,18 +43,18 @@ def is_heldout(event_id: str, fraction: float) -> bool:
 class LearnerSettings:
     """The learning knobs of `RewardConfig`, as the learner needs them."""
 
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     trainable_layers: int = 2
     replay_ratio: float = 1.0
     replay_capacity: int = 4096
-    steps_per_update: int = 1
+    steps_per_update: int = 2
     micro_batch_size: int = 32
     pairwise_coef: float = 1.0
     class_weighting: bool = True
     heldout_fraction: float = 0.1
-    heldout_window: int = 512
+    heldout_window: int = 256
     seed: int = 0
 
 
@@ -141,11 +141,15 @@ class OnlineLearner:
 
     # ---- learning -----------------------------------------------------------------------------------------
 
-    def update(self) -> UpdateResult | None:
-        """One update on every waiting example plus replayed ones; None if nothing waits."""
+    def update(self, max_examples: int | None = None) -> UpdateResult | None:
+        """One update on the oldest `max_examples` waiting examples (default all) plus replayed ones; None if
+        nothing waits."""
         if not self.pending:
             return None
-        fresh, self.pending, self._pending_ids, self._pending_since = self.pending, [], set(), None
+        n = len(self.pending) if max_examples is None else max_examples
+        fresh, self.pending = self.pending[:n], self.pending[n:]
+        self._pending_ids.difference_update(ex.event_id for ex in fresh)
+        self._pending_since = None if not self.pending else self._pending_since
         batch = fresh + self._sample_replay(fresh)
         self.model.train()
         stats: dict[str, float] = {}

@@ -112,46 +112,50 @@ class Service:
             self.proc.kill()
 
 
+# Settings the demo gives each service on top of their defaults, sized so that the loop learns within a few
+# minutes on two CPU cores; `--inference-args` etc. override them (the last flag wins).
+DEMO_FLAGS: dict[str, dict[str, str]] = {
+    "inference": {"--replica-id": "demo-0"},
+    "reward": {},
+    "trainer": {},
+}
+
+
+def _flags(values: Mapping[str, str]) -> list[str]:
+    return [word for flag, value in values.items() for word in (flag, value)]
+
+
 def service_commands(
     config: DemoConfig, *, bootstrap: str, prefix: str, registry: Path, model_dir: Path, run_dir: Path
 ) -> list[Service]:
     """The three services of the loop, on free ports, with the demo's settings plus the user's extra flags."""
-    common = [
-        "--kafka-bootstrap",
-        bootstrap,
-        "--topic-prefix",
-        prefix,
-        "--registry-dir",
-        str(registry),
-        "--base-model-dir",
-        str(model_dir),
-        "--device",
-        config.device,
-        "--log-level",
-        config.log_level,
-    ]
-    threads = ["--torch-threads", str(config.torch_threads)] if config.torch_threads else []
+    common = {
+        "--kafka-bootstrap": bootstrap,
+        "--topic-prefix": prefix,
+        "--registry-dir": str(registry),
+        "--base-model-dir": str(model_dir),
+        "--device": config.device,
+        "--log-level": config.log_level,
+    }
+    if config.torch_threads:
+        common["--torch-threads"] = str(config.torch_threads)
     services = []
-    for name, extra, health_name in (
-        ("inference", ["--signing-key", secrets.token_hex(32), "--replica-id", "demo-0"], CHAT_SERVICE),
-        ("reward", [*threads, "--seed", str(config.seed)], ""),
-        ("trainer", [*threads, "--seed", str(config.seed)], ""),
-    ):
+    for name in ("inference", "reward", "trainer"):
         grpc_port, metrics_port = free_port(), free_port()
-        user = shlex.split(getattr(config, f"{name}_args"))
-        command = cli(
-            f"serve-{name}",
-            *common,
-            "--grpc-port",
-            str(grpc_port),
-            "--metrics-port",
-            str(metrics_port),
-            *extra,
-            *user,
-        )
-        services.append(
-            Service(name, command, grpc_port, metrics_port, health_name, run_dir / "logs" / f"{name}.log")
-        )
+        flags = {
+            **common,
+            "--grpc-port": str(grpc_port),
+            "--metrics-port": str(metrics_port),
+            **DEMO_FLAGS[name],
+        }
+        if name == "inference":
+            flags["--signing-key"] = secrets.token_hex(32)
+        else:
+            flags["--seed"] = str(config.seed)
+        command = cli(f"serve-{name}", *_flags(flags), *shlex.split(getattr(config, f"{name}_args")))
+        health_name = CHAT_SERVICE if name == "inference" else ""
+        log_path = run_dir / "logs" / f"{name}.log"
+        services.append(Service(name, command, grpc_port, metrics_port, health_name, log_path))
     return services
 
 

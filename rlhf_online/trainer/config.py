@@ -112,7 +112,9 @@ class TrainerConfig:
     )
     # ---- eval gate ----------------------------------------------------------------------------------------
     eval_prompts: int = field(default=16, metadata={"help": "Held-out prompts the gate evaluates on."})
-    eval_samples_per_prompt: int = field(default=2, metadata={"help": "Sampled answers per held-out prompt."})
+    eval_samples_per_prompt: int = field(
+        default=4, metadata={"help": "Sampled answers per held-out prompt (more: a less noisy gate)."}
+    )
     eval_seed: int = field(
         default=1234, metadata={"help": "Sampling seed of the gate (same for both versions)."}
     )
@@ -120,7 +122,11 @@ class TrainerConfig:
         default=0.0, metadata={"help": "Mean reward must beat the serving version's by at least this."}
     )
     gate_max_kl: float = field(
-        default=10.0, metadata={"help": "Bound on KL(candidate || reference) per response, in nats."}
+        default=20.0,
+        metadata={
+            "help": "Bound on KL(candidate || reference), summed over a response's tokens, in nats "
+            "(it grows with --max-new-tokens)."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ paired comparison), and the same reward model scores both. The candidate passes 
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -32,6 +33,7 @@ class EvalResult:
     kl_to_reference: float  # mean over responses of sum_t k3(policy || reference), nats
     mean_response_tokens: float
     n: int  # responses scored
+    generate_s: float = 0.0  # time spent sampling the answers
 
 
 @dataclass
@@ -70,6 +72,7 @@ def evaluate_policy(
 ) -> EvalResult:
     """Samples `samples_per_prompt` answers per held-out prompt with fixed seeds, scores them, measures KL."""
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    t0 = time.perf_counter()
     rollouts = sample_rollouts(
         lm,
         tokenizer,
@@ -80,6 +83,7 @@ def evaluate_policy(
         batch_size=batch_size,
         seed=seed,
     )
+    generate_s = time.perf_counter() - t0
     scores = reward_fn(rollouts.prompts, rollouts.responses).float()  # (B,)
     logprobs = response_logprobs(lm, rollouts, temperature, batch_size)  # (B, T)
     ref_logprobs = response_logprobs(reference, rollouts, temperature, batch_size)  # (B, T)
@@ -89,6 +93,7 @@ def evaluate_policy(
         kl_to_reference=kl.mean().item(),
         mean_response_tokens=rollouts.response_mask.sum(dim=1).mean().item(),
         n=len(rollouts),
+        generate_s=generate_s,
     )
 
 

@@ -39,7 +39,15 @@ def record_round(stats: dict[str, float], gate: dict[str, float]) -> None:
     LOSS.labels("total").set(stats["ppo_loss"])
     CLIP_FRACTION.labels("policy").set(stats["ppo_clip_frac"])
     CLIP_FRACTION.labels("value").set(stats["ppo_v_clip_frac"])
-    for phase in ("eval_serving", "generate", "score", "experience", "train", "eval_candidate"):
+    for phase in (
+        "eval_serving",
+        "generate",
+        "score",
+        "experience",
+        "train",
+        "eval_candidate",
+        "eval_generate",
+    ):
         PHASE_SECONDS.labels(phase).set(stats[f"{phase}_s"])
     GATE_SCORE.labels("candidate").set(gate["gate_candidate_score"])
     GATE_SCORE.labels("serving").set(gate["gate_serving_score"])

@@ -145,15 +145,15 @@ def ppo_update(
                 logprobs,
                 values,
                 entropy,
-                exp.logprobs[idx],
-                exp.values[idx],
-                exp.advantages[idx],
-                exp.returns[idx],
-                mb.response_mask,
-                config.clip_range,
-                config.clip_range_value,
-                config.vf_coef,
-                config.ent_coef,
+                old_logprobs=exp.logprobs[idx],
+                old_values=exp.values[idx],
+                advantages=exp.advantages[idx],
+                returns=exp.returns[idx],
+                mask=mb.response_mask,
+                clip_range=config.clip_range,
+                clip_range_value=config.clip_range_value,
+                vf_coef=config.vf_coef,
+                ent_coef=config.ent_coef,
             )
             optimizer.zero_grad(set_to_none=True)
             terms.loss.backward()
@@ -306,6 +306,11 @@ def run_round(
         candidate_eval, serving_eval, non_finite=bad, margin=config.gate_margin, max_kl=config.gate_max_kl
     )
     timings["round_s"] = time.perf_counter() - t_start
+    timings["eval_generate_s"] = serving_eval.generate_s + (
+        candidate_eval.generate_s if candidate_eval else 0.0
+    )
+    sampling_s = timings["generate_s"] + timings["eval_generate_s"]
+    training_s = timings["experience_s"] + timings["train_s"]
     stats = {
         "reward_mean": scores.mean().item(),
         "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
@@ -316,18 +321,19 @@ def run_round(
         "advantage_mean_raw": masked_mean(exp.returns - exp.values, mask).item(),
         "rollouts": float(len(rollouts)),
         "rollouts_per_s": len(rollouts) / timings["generate_s"],
+        "share_generating": sampling_s / timings["round_s"],
+        "share_training": training_s / timings["round_s"],
         **{f"ppo_{k}": v for k, v in ppo_stats.items()},
         **timings,
     }
     log.info(
-        "%s: gate %s: %s (%.1fs round: generate %.1fs, train %.1fs, eval %.1fs)",
+        "%s: gate %s: %s (round %.1fs: %.0f%% sampling, %.0f%% training, the rest scoring and eval)",
         name,
         "PASSED" if decision.passed else "REJECTED",
         decision.reason,
         timings["round_s"],
-        timings["generate_s"],
-        timings["train_s"],
-        timings["eval_serving_s"] + timings["eval_candidate_s"],
+        100 * stats["share_generating"],
+        100 * stats["share_training"],
     )
     return RoundResult(model, head, decision, serving_eval, candidate_eval, stats)
 

@@ -216,8 +216,9 @@ class TrainerService:
     # ---- Kafka -------------------------------------------------------------------------------------------
 
     def _connect_kafka(self) -> None:
-        from rlhf_online.broker.clients import make_consumer, make_producer
+        from rlhf_online.broker.clients import make_consumer, make_producer, wait_for_broker
 
+        wait_for_broker(self.config.kafka_bootstrap, timeout_s=60)
         self._producer = make_producer(self.config.kafka_bootstrap, client_id="trainer")
         consumer = make_consumer(
             self.config.kafka_bootstrap, group_id=self.config.consumer_group, client_id="trainer"
@@ -428,6 +429,7 @@ class TrainerService:
             should_stop=self._stop.is_set,
             name=name,
         )
+        self._check_still_serving(policy_version)
         decision = result.decision
         metrics.GATE_DECISIONS.labels(decision.code).inc()
         metrics.record_round(result.stats, decision.figures())
@@ -443,11 +445,7 @@ class TrainerService:
 
     def _publish(self, name, result, tokenizer, policy_version, reward_version, reference_version) -> None:
         """Registry first (atomic), then the ModelEvent that makes serving swap."""
-        serving_now = self.registry.latest(POLICY)
-        if serving_now != policy_version:
-            # An operator rolled back (or another writer published) during the round: publishing now would
-            # override that decision, so the candidate is dropped.
-            raise RoundAbandoned(f"serving moved from {policy_version} to {serving_now} during the round")
+        self._check_still_serving(policy_version)
         # From here the round finishes even if asked to stop: the publish is one atomic step.
         manifest = publish_policy(
             self.registry,
@@ -482,6 +480,13 @@ class TrainerService:
             reward_version,
             result.decision.improvement,
         )
+
+    def _check_still_serving(self, policy_version: str) -> None:
+        """Drops a round whose starting version is no longer LATEST: an operator rolled back (or another
+        writer published) meanwhile, and publishing now would override that decision."""
+        serving_now = self.registry.latest(POLICY)
+        if serving_now != policy_version:
+            raise RoundAbandoned(f"serving moved from {policy_version} to {serving_now} during the round")
 
     def _reference_for(self, policy_version: str) -> tuple[str, torch.nn.Module]:
         """The lineage's reference policy: the manifest says which, else the first policy version."""

@@ -1,0 +1,48 @@
+"""gRPC health + reflection for a service whose work runs in plain threads: grpc.aio on a loop thread."""
+
+import asyncio
+import logging
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+
+class HealthServer:
+    """Serves `grpc.health.v1.Health` (overall status "") and reflection on `host:port` (0: a free port)."""
+
+    def __init__(self, port: int, host: str = "0.0.0.0", name: str = "reward-grpc") -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+        self.servicer = health.aio.HealthServicer()
+        self._server, self.port = self._call(self._start(host, port))
+
+    async def _start(self, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind the gRPC health port {host}:{port}; is it taken? (--grpc-port)")
+        await server.start()
+        return server, bound
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._call(self.servicer.set("", status))
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """NOT_SERVING, then stops the server and its loop."""
+        self.set_serving(False)
+        self._call(self._server.stop(grace_s))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=grace_s + 5)
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)

@@ -1,0 +1,45 @@
+"""Prometheus metrics of the reward service (default registry, served by `start_http_server`)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECORDS = Counter("rlhf_reward_records_total", "Kafka records consumed", ["topic"])
+EXAMPLES = Counter(
+    "rlhf_reward_examples_total", "Joined ratings admitted (rate = labelled examples/s)", ["split"]
+)
+EXAMPLES_PER_SECOND = Gauge(
+    "rlhf_reward_examples_per_second", "Ratings applied per second between the last two checkpoints"
+)
+DUPLICATES = Counter("rlhf_reward_duplicates_total", "Ratings skipped because their event_id was seen")
+JOIN_BUFFER = Gauge("rlhf_reward_join_buffer_size", "Entries held by the join buffer", ["kind"])
+JOIN_EVENTS = Counter(
+    "rlhf_reward_join_events_total",
+    "Join outcomes: matched, interaction_expired/evicted, feedback_expired/evicted, duplicate_*",
+    ["event"],
+)
+DLQ = Counter("rlhf_reward_dlq_total", "Records sent to the dead-letter topic", ["reason"])
+DLQ_FAILURES = Counter("rlhf_reward_dlq_failures_total", "Dead letters the broker did not acknowledge")
+UPDATES = Counter("rlhf_reward_updates_total", "Reward model updates (mini-batches)")
+LOSS = Gauge("rlhf_reward_loss", "Training loss of the last update", ["part"])
+UPDATE_SECONDS = Histogram(
+    "rlhf_reward_update_seconds", "Wall time of one update", buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30)
+)
+RATING_TO_UPDATE = Histogram(
+    "rlhf_reward_rating_to_update_seconds",
+    "From the rating's timestamp (accepted by SubmitFeedback) to the end of the update that applied it",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
+)
+HELDOUT_ACCURACY = Gauge("rlhf_reward_heldout_accuracy", "Accuracy on the held-out window (ratio)")
+HELDOUT_AUC = Gauge("rlhf_reward_heldout_auc", "ROC AUC on the held-out window")
+HELDOUT_LOG_LOSS = Gauge("rlhf_reward_heldout_log_loss", "Log-loss on the held-out window (nats)")
+HELDOUT_SIZE = Gauge("rlhf_reward_heldout_examples", "Examples in the held-out window")
+CONSUMER_LAG = Gauge(
+    "rlhf_reward_consumer_lag_records", "End offset minus position, summed per topic", ["topic"]
+)
+CHECKPOINTS = Counter("rlhf_reward_checkpoints_total", "Reward checkpoints published")
+CHECKPOINT_VERSION = Gauge("rlhf_reward_checkpoint_version", "Number of the last published reward version")
+CHECKPOINT_SECONDS = Histogram(
+    "rlhf_reward_checkpoint_seconds",
+    "Wall time to publish a checkpoint",
+    buckets=(0.1, 0.3, 1, 3, 10, 30, 100),
+)
+COMMITTED = Counter("rlhf_reward_offset_commits_total", "Offset commits after a checkpoint")
