@@ -141,7 +141,11 @@ class DemoConfig:
     rated_share: float = field(default=1.0, metadata={"help": "Share of answers rated."})
     concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})
     users: int = field(default=200, metadata={"help": "Distinct simulated users."})
-    rate: float = field(default=0.0, metadata={"help": "Requests per second; 0: as fast as served."})
+    rate: float = field(
+        default=3.0,
+        metadata={"help": "Requests per second; 0: as fast as served (leaves less CPU to learn)."},
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "Length cap of each answer, in tokens."})
     seed: int = field(default=0, metadata={"help": "Seed of the users and the services."})
     inference_args: str = field(
         default="", metadata={"help": "Extra flags for serve-inference (shell words)."}

@@ -116,7 +116,7 @@ class Service:
 # minutes on two CPU cores; `--inference-args` etc. override them (the last flag wins).
 DEMO_FLAGS: dict[str, dict[str, str]] = {
     "inference": {"--replica-id": "demo-0"},
-    "reward": {},
+    "reward": {"--checkpoint-every-updates": "4"},
     "trainer": {},
 }
 
@@ -549,6 +549,7 @@ class Demo:
             concurrency=c.concurrency,
             users=c.users,
             rate=c.rate,
+            max_new_tokens=c.max_new_tokens,
             duration_s=c.duration_s,
             seed=c.seed,
             outcomes_path=str(outcomes),
