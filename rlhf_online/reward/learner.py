@@ -13,6 +13,7 @@
 
 import hashlib
 import logging
+import math
 import random
 import time
 from collections import Counter, deque
@@ -162,6 +163,8 @@ class OnlineLearner:
                 self.n_up += 1
             else:
                 self.n_down += 1
+        if self.settings.class_weighting and self.n_up and self.n_down:
+            self.model.prior_logit = math.log(self.n_up / self.n_down)
         self.updates += 1
         stats.update(fresh=float(len(fresh)), batch=float(len(batch)))
         return UpdateResult(fresh, stats)

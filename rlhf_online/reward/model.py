@@ -26,11 +26,16 @@ REWARD_CONFIG = "reward_config.json"
 class RewardModel(nn.Module):
     """Sequence classifier with one logit, plus the tokenization that goes with it."""
 
-    def __init__(self, backbone: nn.Module, tokenizer, max_length: int = 256) -> None:
+    def __init__(
+        self, backbone: nn.Module, tokenizer, max_length: int = 256, prior_logit: float = 0.0
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.max_length = max_length
+        # Trained with class-balanced weights, the head predicts the logit under equal priors; adding
+        # log(n_up / n_down) restores P(up) under the observed ratio (prior correction, King & Zeng 2001).
+        self.prior_logit = prior_logit
         if backbone.config.pad_token_id is None:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             if pad is None:
@@ -70,12 +75,17 @@ class RewardModel(nn.Module):
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]  # (B,)
 
     def logits(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        """Scores (B,) with gradients, for training."""
+        """Head outputs (B,) with gradients, for training (without the prior correction)."""
         return self(**self.encode(prompts, responses))
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
         """Rewards (B,) of responses to prompts: the logit of P(thumbs up). No gradients; float32 on CPU."""
+        return self.raw_score(prompts, responses, batch_size) + self.prior_logit
+
+    @torch.no_grad()
+    def raw_score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
+        """Head outputs (B,) without the prior correction."""
         was_training = self.training
         self.eval()
         try:
@@ -92,7 +102,8 @@ class RewardModel(nn.Module):
         path = Path(path)
         self.backbone.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
-        (path / REWARD_CONFIG).write_text(json.dumps({"max_length": self.max_length}, indent=2) + "\n")
+        settings = {"max_length": self.max_length, "prior_logit": self.prior_logit}
+        (path / REWARD_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def load_reward_model(path: str | Path, device: str = "cpu") -> RewardModel:
@@ -104,7 +115,12 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> RewardModel:
     tokenizer = AutoTokenizer.from_pretrained(path)
     backbone = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
     settings = json.loads((path / REWARD_CONFIG).read_text()) if (path / REWARD_CONFIG).exists() else {}
-    model = RewardModel(backbone, tokenizer, max_length=int(settings.get("max_length", 256)))
+    model = RewardModel(
+        backbone,
+        tokenizer,
+        max_length=int(settings.get("max_length", 256)),
+        prior_logit=float(settings.get("prior_logit", 0.0)),
+    )
     return model.to(device)
 
 
