@@ -134,3 +134,16 @@ def test_parse_records_and_refuse_bad_ones():
         parse_interaction(b"")
     with pytest.raises(BadRecord, match="empty record"):
         parse_feedback(None)
+
+
+def test_a_late_record_gets_a_full_ttl_after_it_arrives():
+    join = JoinBuffer(TTL)
+    join.add_interaction(0, 0, interaction("now", ts=10**9))  # the interactions side is far ahead already
+    assert join.add_feedback(0, 0, feedback("old", ts=1000)).dead == []  # an old rating, clock-skewed
+    assert join.add_interaction(0, 1, interaction("other", ts=10**9 + TTL // 2)).dead == []
+    [ex] = join.add_interaction(0, 2, interaction("old", ts=1000)).examples
+    assert ex.event_id == "old/u1"
+    # ...but not more than that.
+    join.add_feedback(0, 1, feedback("never", ts=1000))
+    [dead] = join.add_interaction(0, 3, interaction("later", ts=10**9 + 2 * TTL)).dead
+    assert dead.reason.startswith("expired: no interaction for response_id never")

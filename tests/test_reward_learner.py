@@ -74,19 +74,19 @@ def test_events_are_admitted_once_and_updates_are_due_by_count_or_time(model):
 
 
 def test_learns_a_hidden_preference_from_a_stream(model):
-    """Held-out accuracy far above chance after ~500 ratings (users like answers that end with '!')."""
+    """Held-out accuracy far above chance after ~250 ratings (users like answers whose words end in '!')."""
     settings = LearnerSettings(
         learning_rate=1e-3, trainable_layers=2, steps_per_update=2, heldout_fraction=0.15, seed=0
     )
     learner = OnlineLearner(model, settings)
-    stream = synthetic_examples(480, seed=1)
+    stream = synthetic_examples(256, seed=1, noise=0.05)
     before = learner.evaluate(ex for ex in stream if is_heldout(ex.event_id, 0.15))
     for ex in stream:
         learner.add(ex, now=0.0)
         if learner.due(16, 5.0, now=0.0):
             learner.update()
     after = learner.evaluate()
-    assert learner.counts[HELDOUT] == after["n"] > 50
+    assert learner.counts[HELDOUT] == after["n"] > 30
     assert after["accuracy"] > 0.85 and after["auc"] > 0.9, (before, after)
     assert after["log_loss"] < before["log_loss"]
 

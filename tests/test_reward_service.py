@@ -115,8 +115,8 @@ def test_service_joins_dead_letters_checkpoints_commits_and_resumes(
     for ex in examples[:5]:
         send(producer, topics.feedback, ex.response_id, to_events(ex)[1])
     more = synthetic_examples(6, seed=5, prefix="more")
-    for ex in more:
-        interaction, feedback = to_events(ex)
+    for i, ex in enumerate(more):  # stamped after the late interactions: stream time moves forward
+        interaction, feedback = to_events(ex, timestamp_ms=10**9 + 1000 + i)
         send(producer, topics.interactions, ex.response_id, interaction)
         send(producer, topics.feedback, ex.response_id, feedback)
     producer.flush()
@@ -125,7 +125,8 @@ def test_service_joins_dead_letters_checkpoints_commits_and_resumes(
     resumed.start()
     try:
         assert resumed.version == latest
-        assert resumed.wait_until(lambda s: s.examples_applied == 6 and s.duplicates >= 5, timeout_s=60)
+        done = resumed.wait_until(lambda s: s.examples_applied >= 6 and s.duplicates >= 5, timeout_s=60)
+        assert done, (resumed.examples_applied, resumed.duplicates, resumed.dead_letters)
     finally:
         resumed.stop()
     ids = checkpoint.applied_event_ids(registry.verify("reward", registry.latest("reward")))

@@ -41,6 +41,7 @@ def _service(args, root: Path, topics: Topics):
         torch_threads=args.torch_threads,
         eval_every_updates=args.eval_every_updates,
         checkpoint_every_updates=args.checkpoint_every_updates,
+        steps_per_update=args.steps_per_update,
     )
     return create_service(config)
 
@@ -69,9 +70,9 @@ def throughput(args, root: Path) -> dict:
     service.start()
     try:
         service.wait_until(lambda s: s.records_consumed > 0, timeout_s=120)
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         done = service.wait_until(lambda s: s.examples_applied >= args.backlog, timeout_s=args.backlog)
-        elapsed = time.monotonic() - started
+        elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_started
     finally:
         service.stop()
     return {
@@ -80,6 +81,8 @@ def throughput(args, root: Path) -> dict:
         "complete": done,
         "seconds": round(elapsed, 2),
         "labelled_events_per_s": round(service.examples_applied / elapsed, 1),
+        "cpu_seconds": round(cpu, 1),  # of this whole process (service threads + Kafka client)
+        "labelled_events_per_cpu_s": round(service.examples_applied / cpu, 1),
         "updates": service.learner.updates,
     }
 
@@ -130,6 +133,7 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--eval-every-updates", type=int, default=10)
     parser.add_argument("--checkpoint-every-updates", type=int, default=20)
+    parser.add_argument("--steps-per-update", type=int, default=2)
     parser.add_argument("--skip", choices=["throughput", "latency"], default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

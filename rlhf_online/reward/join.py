@@ -5,11 +5,13 @@ needs partition p of `rlhf.interactions`. Either side may arrive first:
 - an interaction stays buffered, matching every rating that arrives for it, until it expires;
 - a rating whose interaction has not arrived waits for it, and is dead-lettered if it expires first.
 
-Time is *stream time* (record timestamps), so a replay behaves like the first run. Each side of a partition
-has a watermark (the largest timestamp seen there): an interaction expires once the feedback watermark of its
-partition passes its timestamp + TTL (no more ratings are expected), a waiting rating once the interactions
-watermark passes its timestamp + TTL (its interaction would have arrived by then). Watermarks per side keep a
-consumer that reads one topic ahead of the other (typical on catch-up) from expiring anything early.
+Time is *stream time* (record timestamps), not the wall clock, so a replay behaves like the first run. Each
+side of a partition has a watermark (the largest timestamp seen there): an interaction expires once the
+feedback watermark of its partition passes its timestamp + TTL (no more ratings are expected), a waiting
+rating once the interactions watermark passes its timestamp + TTL (its interaction would have arrived by
+then). A record older than the other side's watermark when it arrives gets TTL from that watermark instead,
+so a late record is not expired before it had a chance to match. Watermarks per side keep a consumer that
+reads one topic ahead of the other (typical on catch-up) from expiring anything early.
 
 The buffer is bounded: past `max_interactions` / `max_waiting` the oldest entry is evicted (counted; an
 evicted rating is dead-lettered). It also tells which offsets it still holds: a Kafka offset may only be
@@ -116,7 +118,7 @@ class JoinBuffer:
         if rid in self._interactions:
             self.counts["duplicate_interaction"] += 1
         else:
-            expires = interaction.timestamp_ms + self.ttl_ms
+            expires = self._deadline(FEEDBACK, partition, interaction.timestamp_ms)
             self._interactions[rid] = _HeldInteraction(interaction, partition, offset, expires)
             heapq.heappush(
                 self._interaction_expiry.setdefault(partition, []), (expires, next(self._seq), rid, offset)
@@ -152,7 +154,7 @@ class JoinBuffer:
         elif feedback.event_id in self._waiting:
             self.counts["duplicate_feedback"] += 1
         else:
-            expires = feedback.timestamp_ms + self.ttl_ms
+            expires = self._deadline(INTERACTIONS, partition, feedback.timestamp_ms)
             self._waiting[feedback.event_id] = _WaitingFeedback(
                 feedback, partition, offset, key, value, expires
             )
@@ -190,6 +192,11 @@ class JoinBuffer:
         return len(rids) + len(eids)
 
     # ---- internals -----------------------------------------------------------------------------------------
+
+    def _deadline(self, other_side: str, partition: int, timestamp_ms: int) -> int:
+        """Expiry in the other side's stream time: TTL after the record's timestamp, or after that side's
+        watermark if it is already later (a late or clock-skewed record still gets a full TTL to match)."""
+        return max(timestamp_ms, self._watermarks.get((other_side, partition), timestamp_ms)) + self.ttl_ms
 
     def _advance(self, side: str, partition: int, timestamp_ms: int) -> JoinOutput:
         """Moves the watermark of one side of a partition and expires what the move made too old."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,14 @@ def init_reward_model(
 ) -> RewardModel:
     """A new reward model: the backbone of `base_dir` with a scalar head initialised from `seed`."""
     torch.manual_seed(seed)
-    model = load_reward_model(base_dir, device=device)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here, not a warning
+    try:
+        model = load_reward_model(base_dir, device=device)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.max_length = max_length
-    log.info("initialised the reward model from %s (%.2fM parameters)", base_dir, _millions(model))
+    log.info("new reward model: %s with a new scalar head (%.2fM parameters)", base_dir, _millions(model))
     return model
 
 

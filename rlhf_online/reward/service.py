@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 REWARD, POLICY = "reward", "policy"
 _LAG_EVERY_S = 5.0
+# Few records per poll: updates run between polls, and the group drops a consumer that does not poll within
+# max_poll_interval_ms (5 min), which a big batch of updates on a busy CPU could exceed.
+_MAX_POLL_RECORDS = 100
 
 
 def create_service(config: RewardConfig) -> "RewardService":
@@ -110,7 +113,7 @@ class RewardService:
             group_id=self.group_id,
             client_id=f"{c.client_id}-consumer",
             partition_assignment_strategy=(RangePartitionAssignor,),
-            max_poll_records=500,
+            max_poll_records=_MAX_POLL_RECORDS,
         )
         self._consumer.subscribe([self.topics.interactions, self.topics.feedback], listener=_Rebalance(self))
         self._thread = threading.Thread(target=self._run, name="reward-loop", daemon=True)
@@ -171,7 +174,7 @@ class RewardService:
                 self._cond.notify_all()
 
     def _step(self) -> None:
-        batches = self._consumer.poll(timeout_ms=100, max_records=500)
+        batches = self._consumer.poll(timeout_ms=100, max_records=_MAX_POLL_RECORDS)
         for tp, records in batches.items():
             for record in records:
                 if tp in self._owned:  # skip records of a partition revoked during this poll
@@ -199,7 +202,7 @@ class RewardService:
                 out = self.join.add_interaction(tp.partition, record.offset, parse_interaction(record.value))
             else:
                 feedback = parse_feedback(record.value)
-                if self.learner.seen(feedback.event_id):
+                if self.learner.seen(feedback.event_id) or self.join.is_waiting(feedback.event_id):
                     self._count_duplicate()
                     return
                 out = self.join.add_feedback(tp.partition, record.offset, feedback, record.key, record.value)
@@ -306,7 +309,11 @@ class RewardService:
             self.learner,
             parent_version=self.version,
             offsets=offsets,
-            metrics={f"heldout_{k}": v for k, v in figures.items()},
+            metrics={
+                **{f"heldout_{k}": v for k, v in figures.items()},
+                "ratings_applied": float(len(self.learner.applied)),
+                "updates": float(self.learner.updates),
+            },
             extra={"group_id": self.group_id, "topic_prefix": self.config.topic_prefix},
         )
         self.version = manifest.version
@@ -527,20 +534,26 @@ class RewardService:
     def _init_model(self) -> RewardModel:
         c = self.config
         if c.base_model_dir:
-            return init_reward_model(c.base_model_dir, max_length=c.max_length, seed=c.seed, device=c.device)
+            return init_reward_model(
+                c.base_model_dir, max_length=c.max_length, seed=c.seed, device=c.device, pooling=c.pooling
+            )
         for version in self.registry.versions(POLICY):  # the oldest policy: the lineage's base model
             try:
                 base = self.registry.verify(POLICY, version)
             except RegistryError as e:
                 log.warning("policy %s cannot be used as the reward base (%s)", version, e)
                 continue
-            return init_reward_model(base, max_length=c.max_length, seed=c.seed, device=c.device)
+            return init_reward_model(
+                base, max_length=c.max_length, seed=c.seed, device=c.device, pooling=c.pooling
+            )
         from rlhf_online.engine.tiny_model import write_tiny_model
 
         log.info("no --base-model-dir and no policy in the registry: starting from the tiny preset")
         with tempfile.TemporaryDirectory(prefix="rlhf-reward-base-") as tmp:
             write_tiny_model(Path(tmp), seed=c.seed)
-            return init_reward_model(tmp, max_length=c.max_length, seed=c.seed, device=c.device)
+            return init_reward_model(
+                tmp, max_length=c.max_length, seed=c.seed, device=c.device, pooling=c.pooling
+            )
 
 
 class _Rebalance(ConsumerRebalanceListener):

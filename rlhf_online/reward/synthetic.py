@@ -1,7 +1,8 @@
 """A synthetic rating stream with a hidden preference, for tests and throughput figures.
 
-Users like enthusiastic answers: a response that ends with "!" is rated up, one that ends with "." down (with
-`noise` of the labels flipped). A reward model that learns this gets held-out accuracy far above 0.5.
+Users like enthusiastic answers: a response whose words end in "!" is rated up, one whose words end in "."
+down (with `noise` of the labels flipped). A reward model that learns this gets held-out accuracy far above
+0.5.
 """
 
 import random
@@ -38,7 +39,8 @@ def synthetic_examples(n: int, seed: int = 0, noise: float = 0.0, prefix: str = 
     for i in range(n):
         prompt = f"<|user|>\nTell me about the {rng.choice(WORDS)}.\n<|assistant|>\n"
         liked = rng.random() < 0.5
-        response = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) + ("!" if liked else ".")
+        mark = "!" if liked else "."
+        response = " ".join(rng.choice(WORDS) + mark for _ in range(rng.randint(3, 8)))
         label = float(liked != (rng.random() < noise))
         rid = f"{prefix}r{seed}-{i}"
         examples.append(
