@@ -3,9 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -m "not e2e"
 
-.PHONY: help venv protos lint format test demo kafka-start kafka-stop clean
+.PHONY: help venv protos lint format test test-e2e demo kafka-start kafka-stop clean
 
 help:
 	@echo "make test   - create the venv, install, generate stubs, lint, run the whole suite (starts Kafka itself)"
@@ -34,6 +34,9 @@ format: $(STAMP)
 
 test: protos lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-e2e: protos
+	$(BIN)/pytest -m e2e -s
 
 demo: protos
 	$(BIN)/rlhf-online demo

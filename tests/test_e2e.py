@@ -25,7 +25,7 @@ from rlhf_online.sim import report
 from rlhf_online.sim.config import DemoConfig
 from rlhf_online.sim.demo import run_demo
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]
 
 DURATION_S = 240.0
 FIRST_MIN_RATINGS = 150

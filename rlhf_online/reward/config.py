@@ -35,10 +35,6 @@ class RewardConfig:
     trainable_layers: int = field(
         default=2, metadata={"help": "top transformer layers to train (plus the head); -1 trains all"}
     )
-    pooling: str = field(
-        default="response_mean",
-        metadata={"help": "response_mean (average of per-token head scores over the answer) or last (token)"},
-    )
     seed: int = field(default=0, metadata={"help": "seed of the head init, replay sampling and batching"})
     # ---- learning
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
@@ -93,7 +89,6 @@ class RewardConfig:
         checks = [
             (self.max_length >= 8, "--max-length must be at least 8 tokens"),
             (self.trainable_layers >= -1, "--trainable-layers must be -1 (all) or >= 0"),
-            (self.pooling in ("response_mean", "last"), "--pooling must be response_mean or last"),
             (self.learning_rate > 0, "--learning-rate must be > 0"),
             (self.update_every_examples >= 1, "--update-every-examples must be >= 1"),
             (self.update_interval_s > 0, "--update-interval-s must be > 0"),

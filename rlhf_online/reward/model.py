@@ -22,18 +22,32 @@ from transformers.utils import logging as hf_logging
 log = logging.getLogger(__name__)
 
 REWARD_CONFIG = "reward_config.json"
+# "last": the head reads the last token (AutoModelForSequenceClassification's own pooling).
+# "response_mean": the head scores every response token and the scores are averaged over the response. A
+# preference that is a property of the whole answer (its characters, words, tone) is then a mean of
+# per-token terms, which a scalar head learns from a few hundred ratings; reading it off one token needs the
+# upper layers to learn to aggregate first, which took thousands of ratings with the tiny model.
+POOLINGS = ("response_mean", "last")
 
 
 class RewardModel(nn.Module):
     """Sequence classifier with one logit, plus the tokenization that goes with it."""
 
     def __init__(
-        self, backbone: nn.Module, tokenizer, max_length: int = 256, prior_logit: float = 0.0
+        self,
+        backbone: nn.Module,
+        tokenizer,
+        max_length: int = 256,
+        prior_logit: float = 0.0,
+        pooling: str = "response_mean",
     ) -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling is {pooling!r}; use one of {', '.join(POOLINGS)}")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.pooling = pooling
         # Trained with class-balanced weights, the head predicts the logit under equal priors; adding
         # log(n_up / n_down) restores P(up) under the observed ratio (prior correction, King & Zeng 2001).
         self.prior_logit = prior_logit
@@ -53,27 +67,50 @@ class RewardModel(nn.Module):
         """Token ids of `prompt + response`, truncated from the left to `max_length` (the answer matters
         most), with bos/eos where the tokenizer has them, right-padded.
 
-        Returns: input_ids (B, T) and attention_mask (B, T).
+        Returns: input_ids (B, T), attention_mask (B, T) and response_mask (B, T), 1 on the answer's tokens.
         """
-        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         room = self.max_length - len(bos) - len(eos)
-        bodies = tok(texts, add_special_tokens=False)["input_ids"]
-        rows = [bos + body[max(0, len(body) - room) :] + eos for body in bodies]
+        prompt_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+        response_ids = tok(list(responses), add_special_tokens=False)["input_ids"]
+        rows, answer_lengths = [], []
+        for p_ids, r_ids in zip(prompt_ids, response_ids, strict=True):
+            body = (p_ids + r_ids)[max(0, len(p_ids) + len(r_ids) - room) :]
+            rows.append(bos + body + eos)
+            answer_lengths.append(min(len(r_ids), len(body)))
         width = max(len(r) for r in rows)
         pad = self.backbone.config.pad_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-        for i, row in enumerate(rows):
+        response_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+        for i, (row, n_answer) in enumerate(zip(rows, answer_lengths, strict=True)):
             input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+            end = len(row) - len(eos)
+            response_mask[i, end - n_answer : end] = 1
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "response_mask": response_mask.to(self.device),
+        }
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scores (B,) of token ids (B, T); the head reads the last non-pad token."""
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]  # (B,)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores (B,) of token ids (B, T), pooled as `self.pooling` says."""
+        if self.pooling == "last":
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]  # (B,)
+        hidden = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
+        per_token = self.backbone.score(hidden).squeeze(-1)  # (B, T)
+        # An empty answer has no tokens to average: it is scored by its last token (the eos, or the prompt's).
+        last = attention_mask.sum(dim=1) - 1  # (B,)
+        fallback = per_token.gather(1, last.unsqueeze(1)).squeeze(1)  # (B,)
+        mask = response_mask.to(per_token.dtype)  # (B, T)
+        count = mask.sum(dim=1)  # (B,)
+        mean = (per_token * mask).sum(dim=1) / count.clamp(min=1.0)  # (B,)
+        return torch.where(count > 0, mean, fallback)  # (B,)
 
     def logits(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Head outputs (B,) with gradients, for training (without the prior correction)."""
@@ -103,7 +140,7 @@ class RewardModel(nn.Module):
         path = Path(path)
         self.backbone.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
-        settings = {"max_length": self.max_length, "prior_logit": self.prior_logit}
+        settings = {"max_length": self.max_length, "prior_logit": self.prior_logit, "pooling": self.pooling}
         (path / REWARD_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -121,12 +158,13 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> RewardModel:
         tokenizer,
         max_length=int(settings.get("max_length", 256)),
         prior_logit=float(settings.get("prior_logit", 0.0)),
+        pooling=str(settings.get("pooling", "last" if settings else "response_mean")),
     )
     return model.to(device)
 
 
 def init_reward_model(
-    base_dir: str | Path, *, max_length: int, seed: int, device: str = "cpu"
+    base_dir: str | Path, *, max_length: int, seed: int, device: str = "cpu", pooling: str = "response_mean"
 ) -> RewardModel:
     """A new reward model: the backbone of `base_dir` with a scalar head initialised from `seed`."""
     torch.manual_seed(seed)
@@ -137,6 +175,7 @@ def init_reward_model(
     finally:
         hf_logging.set_verbosity(verbosity)
     model.max_length = max_length
+    model.pooling = pooling
     log.info("new reward model: %s with a new scalar head (%.2fM parameters)", base_dir, _millions(model))
     return model
 

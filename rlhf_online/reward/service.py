@@ -534,26 +534,20 @@ class RewardService:
     def _init_model(self) -> RewardModel:
         c = self.config
         if c.base_model_dir:
-            return init_reward_model(
-                c.base_model_dir, max_length=c.max_length, seed=c.seed, device=c.device, pooling=c.pooling
-            )
+            return init_reward_model(c.base_model_dir, max_length=c.max_length, seed=c.seed, device=c.device)
         for version in self.registry.versions(POLICY):  # the oldest policy: the lineage's base model
             try:
                 base = self.registry.verify(POLICY, version)
             except RegistryError as e:
                 log.warning("policy %s cannot be used as the reward base (%s)", version, e)
                 continue
-            return init_reward_model(
-                base, max_length=c.max_length, seed=c.seed, device=c.device, pooling=c.pooling
-            )
+            return init_reward_model(base, max_length=c.max_length, seed=c.seed, device=c.device)
         from rlhf_online.engine.tiny_model import write_tiny_model
 
         log.info("no --base-model-dir and no policy in the registry: starting from the tiny preset")
         with tempfile.TemporaryDirectory(prefix="rlhf-reward-base-") as tmp:
             write_tiny_model(Path(tmp), seed=c.seed)
-            return init_reward_model(
-                tmp, max_length=c.max_length, seed=c.seed, device=c.device, pooling=c.pooling
-            )
+            return init_reward_model(tmp, max_length=c.max_length, seed=c.seed, device=c.device)
 
 
 class _Rebalance(ConsumerRebalanceListener):
