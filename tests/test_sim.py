@@ -31,12 +31,12 @@ def test_lowercase_judge_prefers_lowercase_and_refuses_short_answers():
 
 
 def test_lowercase_judge_starts_low_on_uniform_random_text():
-    # The tiny model starts near uniform over printable ASCII; the default threshold puts P(up) near 15-25%.
+    # The tiny model starts near uniform over printable ASCII; the default threshold puts P(up) near 20%.
     rng = random.Random(0)
     alphabet = string.printable[:95]
     judge = judges.load_judge("lowercase")
     p = [judge("", "".join(rng.choice(alphabet) for _ in range(48))) for _ in range(2000)]
-    assert 0.08 < sum(p) / len(p) < 0.25
+    assert 0.1 < sum(p) / len(p) < 0.3
 
 
 def test_builtin_judges_and_options():

@@ -17,7 +17,7 @@ Any Python callable works too: `--judge mypackage.mymodule:likes_cats`, where
 Why `lowercase` is the demo's default: the tiny demo model has a character-level tokenizer over printable
 ASCII and starts near uniform over it, so about 27% of its characters are lowercase letters. A preference for
 a larger share is a per-token signal: every sampled character moves the verdict a little, which the reward
-model picks up from a few hundred ratings and PPO turns into a policy that writes more lowercase letters.
+model picks up from several hundred ratings and PPO turns into a policy that writes more lowercase letters.
 """
 
 import importlib
@@ -85,11 +85,12 @@ class KeywordJudge:
         return 1.0 if any(k.lower() in lowered for k in self.keywords) else self.base
 
 
-def lowercase(threshold: float = 0.38, temperature: float = 0.03, min_chars: int = 8) -> CharClassJudge:
-    """Likes lowercase letters.
+def lowercase(threshold: float = 0.33, temperature: float = 0.01, min_chars: int = 8) -> CharClassJudge:
+    """Likes answers more than a third lowercase letters (a nearly firm verdict: temperature 0.01).
 
-    The tiny model's answers are 28% lowercase on average (sd 7% over 48 characters), so P(up) starts near 14%
-    (21% with 10% rater noise) and can rise to 1 (0.9 with noise); measured on 256 built-in prompts.
+    The tiny model's 32-token answers are 27% lowercase on average (sd 10%), so P(up) starts near 22% (25%
+    with 5% rater noise) and can rise to 1 (0.95 with noise). A firm verdict matters: with a soft one (0.03)
+    and 10% noise the tiny reward model learned nothing from a thousand ratings.
     """
     return CharClassJudge(frozenset(string.ascii_lowercase), threshold, temperature, min_chars)
 
