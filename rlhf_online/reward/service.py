@@ -31,11 +31,11 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from rlhf_online.broker.clients import make_consumer, make_producer
+from rlhf_online.health import HealthServer
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import CorruptVersion, Registry, RegistryError
 from rlhf_online.reward import checkpoint, metrics
 from rlhf_online.reward.config import RewardConfig
-from rlhf_online.reward.health import HealthServer
 from rlhf_online.reward.join import FEEDBACK, INTERACTIONS, DeadLetter, JoinBuffer
 from rlhf_online.reward.learner import HELDOUT, LearnerSettings, OnlineLearner
 from rlhf_online.reward.model import RewardModel, init_reward_model

@@ -24,7 +24,7 @@ class SimulateConfig:
         default="", metadata={"help": "Options of a built-in judge, e.g. threshold=0.4,temperature=0.05."}
     )
     rater_noise: float = field(
-        default=0.1,
+        default=0.05,
         metadata={"help": "Chance that a rater votes against their own judgement (raters disagree)."},
     )
     rated_share: float = field(default=1.0, metadata={"help": "Share of answers the users rate, in (0, 1]."})
@@ -136,7 +136,7 @@ class DemoConfig:
     )
     judge_args: str = field(default="", metadata={"help": "Options of a built-in judge."})
     rater_noise: float = field(
-        default=0.1, metadata={"help": "Chance a rater votes against their judgement."}
+        default=0.05, metadata={"help": "Chance a rater votes against their judgement."}
     )
     rated_share: float = field(default=1.0, metadata={"help": "Share of answers rated."})
     concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})

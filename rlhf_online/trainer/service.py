@@ -14,7 +14,6 @@ The loop (one thread; kafka-python consumers are not thread-safe):
 5. commits the feedback offsets it counted, so a restart does not count them again.
 """
 
-import asyncio
 import logging
 import threading
 import time
@@ -22,15 +21,13 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 from transformers import AutoTokenizer
 
 from rlhf_online.engine.chat_format import render_prompt
+from rlhf_online.health import HealthServer
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Registry, RegistryError
 from rlhf_online.topics import Topics
@@ -65,42 +62,6 @@ def read_prompt_file(path: str | Path) -> list[Messages]:
 
 def render(tokenizer, source: PromptSource) -> str:
     return source if isinstance(source, str) else render_prompt(tokenizer, source)
-
-
-class HealthServer:
-    """gRPC health + reflection on its own asyncio loop thread (grpc.aio), for a service that is not async."""
-
-    def __init__(self, port: int) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="trainer-grpc", daemon=True)
-        self._thread.start()
-        self.servicer = health.HealthServicer()
-        self._server, self.port = self._call(self._start(port))
-
-    async def _start(self, port: int) -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-        reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        bound = server.add_insecure_port(f"[::]:{port}")
-        if bound == 0:
-            raise OSError(f"cannot bind gRPC port {port}; is it taken? pass another --grpc-port")
-        await server.start()
-        return server, bound
-
-    def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        self.servicer.set("", status)
-
-    def stop(self, grace_s: float = 2.0) -> None:
-        self.set_serving(False)
-        self._call(self._server.stop(grace_s))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
 
 
 class TrainerService:
@@ -157,7 +118,7 @@ class TrainerService:
         self._resume_from_registry()
         if self.config.kafka_bootstrap:
             self._connect_kafka()
-        self._health = HealthServer(self.config.grpc_port)
+        self._health = HealthServer(self.config.grpc_port, name="trainer-grpc")
         self.grpc_port = self._health.port
         self._health.set_serving(True)
         self._thread = threading.Thread(target=self._loop, name="trainer-loop", daemon=True)

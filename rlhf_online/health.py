@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 class HealthServer:
     """Serves `grpc.health.v1.Health` (overall status "") and reflection on `host:port` (0: a free port)."""
 
-    def __init__(self, port: int, host: str = "0.0.0.0", name: str = "reward-grpc") -> None:
+    def __init__(self, port: int, host: str = "0.0.0.0", name: str = "grpc-health") -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
