@@ -8,8 +8,11 @@ What it asserts:
    topic holds no duplicate event_id at all;
 3. the report was written with every plot, and its verdict says the loop learned.
 
-Sizes: the base model starts at about 21% thumbs up (14% from the judge, plus 10% rater noise); a
-lowercase-only answer gets 90%. See the figures measured in the module constants below.
+Sizes: the base model starts near 27% thumbs up (the judge's 25% plus 5% rater noise) and a lowercase-only
+answer gets 95%. Measured on the shared 2-core machine (6.4 min in all): v000001 26.6% of 184 ratings, the
+last version (v000014) 72.9% of 59 ratings, 14 PPO rounds, 13 swaps; so the 0.15 margin leaves room for a
+machine twice as slow. Sampling alone: with 100 and 50 ratings the standard error of the difference is about
+0.08, so a true rise of 0.35 falls below the margin with a chance under 1%, the measured 0.46 under 0.01%.
 """
 
 import asyncio
@@ -27,12 +30,10 @@ from rlhf_online.sim.demo import run_demo
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]
 
-DURATION_S = 240.0
-FIRST_MIN_RATINGS = 150
-LAST_MIN_RATINGS = 60
-MARGIN = 0.2
-TRAINER_ARGS = "--min-new-ratings 64 --rollouts-per-round 64 --round-interval-s 0"
-REWARD_ARGS = ""
+DURATION_S = 360.0
+FIRST_MIN_RATINGS = 100
+LAST_MIN_RATINGS = 50
+MARGIN = 0.15
 
 
 def test_closed_loop_learns_and_keeps_every_acknowledged_rating(
@@ -47,8 +48,6 @@ def test_closed_loop_learns_and_keeps_every_acknowledged_rating(
         seed=0,
         concurrency=8,
         users=100,
-        trainer_args=TRAINER_ARGS,
-        reward_args=REWARD_ARGS,
         startup_timeout_s=300,
         shutdown_timeout_s=60,
     )

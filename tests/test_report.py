@@ -141,7 +141,7 @@ def test_from_protos_and_outcomes(tmp_path):
 def test_report_command_reads_topics(kafka_bootstrap, topics, tmp_path):
     from rlhf_online.broker.clients import make_producer
 
-    data = synthetic_run(per_version=40)
+    data = synthetic_run(per_version=60)
     producer = make_producer(kafka_bootstrap, client_id="test-report")
     for s in data.served:
         message = events_pb2.Interaction(
@@ -172,4 +172,4 @@ def test_report_command_reads_topics(kafka_bootstrap, topics, tmp_path):
     argv = ["--kafka-bootstrap", kafka_bootstrap, "--topic-prefix", topics.prefix, "--out-dir", str(tmp_path)]
     assert report.main(argv, {}) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["ratings"] == 120 and summary["served"] == 120 and summary["learning"] is True
+    assert summary["ratings"] == 180 and summary["served"] == 180 and summary["learning"] is True

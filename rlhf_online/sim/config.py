@@ -92,7 +92,7 @@ class ReportConfig:
         metadata={"help": "PPO rounds recorded by the demo (JSON lines), to include rejected rounds."},
     )
     min_ratings: int = field(
-        default=20, metadata={"help": "Ratings a version needs to count in the verdict."}
+        default=50, metadata={"help": "Ratings a version needs to count in the verdict."}
     )
     since_ms: int = field(default=0, metadata={"help": "Ignore records older than this Unix time in ms."})
     time_bin_s: float = field(
@@ -107,7 +107,7 @@ class ReportConfig:
 class DemoConfig:
     """Run the whole loop on this machine (broker, three services, simulated users) and write a report."""
 
-    duration_s: float = field(default=420.0, metadata={"help": "Seconds the simulated users chat and rate."})
+    duration_s: float = field(default=480.0, metadata={"help": "Seconds the simulated users chat and rate."})
     run_dir: str = field(
         default="",
         metadata={"help": "Folder of this run's logs, registry and report; empty: runs/<timestamp>."},

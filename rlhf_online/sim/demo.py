@@ -117,12 +117,12 @@ class Service:
 DEMO_FLAGS: dict[str, dict[str, str]] = {
     "inference": {"--replica-id": "demo-0"},
     # The reward model reads the answer only (the last 40 tokens: 32 of answer, the end of the chat template),
-    # trains every layer, and takes 8 steps per 32 ratings: the tiny random model needs many steps per rating.
+    # trains every layer, and takes 4 steps per 32 ratings: the tiny random model needs many steps per rating.
     "reward": {
         "--max-length": "40",
         "--trainable-layers": "-1",
-        "--learning-rate": "5e-4",
-        "--steps-per-update": "8",
+        "--learning-rate": "1e-3",
+        "--steps-per-update": "4",
         "--checkpoint-every-updates": "4",
     },
     "trainer": {},

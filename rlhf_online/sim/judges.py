@@ -85,10 +85,10 @@ class KeywordJudge:
         return 1.0 if any(k.lower() in lowered for k in self.keywords) else self.base
 
 
-def lowercase(threshold: float = 0.33, temperature: float = 0.01, min_chars: int = 8) -> CharClassJudge:
-    """Likes answers more than a third lowercase letters (a nearly firm verdict: temperature 0.01).
+def lowercase(threshold: float = 0.32, temperature: float = 0.01, min_chars: int = 8) -> CharClassJudge:
+    """Likes answers more than 32% lowercase letters, with a nearly firm verdict (temperature 0.01).
 
-    The tiny model's 32-token answers are 27% lowercase on average (sd 10%), so P(up) starts near 22% (25%
+    The tiny model's 32-token answers are 27% lowercase on average (sd 10%), so P(up) starts near 25% (28%
     with 5% rater noise) and can rise to 1 (0.95 with noise). A firm verdict matters: with a soft one (0.03)
     and 10% noise the tiny reward model learned nothing from a thousand ratings.
     """

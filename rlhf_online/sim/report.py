@@ -42,7 +42,7 @@ REWARD_AUC_KEYS = ("heldout_auc", "heldout/auc", "eval_auc", "auc")
 REWARD_SEEN_KEYS = ("ratings_applied", "ratings_seen", "examples_seen", "applied", "train_examples")
 POLICY_REWARD_KEYS = ("reward_mean", "ppo/reward_mean")
 POLICY_KL_KEYS = ("kl_per_response", "kl", "ppo/kl")
-MIN_RATINGS = 20  # a version needs this many ratings to count in the verdict
+MIN_RATINGS = 50  # a version needs this many ratings to count in the verdict
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -378,7 +378,7 @@ def verdict(data: RunData, min_ratings: int = MIN_RATINGS) -> Verdict:
 
 def _t0(data: RunData) -> int:
     times = [s.timestamp_ms for s in data.served] + [r.timestamp_ms for r in data.ratings]
-    times += [m.timestamp_ms for m in data.models]
+    times += [m.timestamp_ms for m in data.models] + [j.timestamp_ms for j in data.judged]
     return min(times) if times else 0
 
 
@@ -449,7 +449,7 @@ def _binned(
 
 def plot_up_rate_over_time(data: RunData, path: Path, bin_s: float = 0.0) -> None:
     """Thumbs-up rate in time bins with 95% intervals; dotted lines where serving swapped versions."""
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(11, 4))
     ax.set_title("Thumbs-up rate over time")
     if not data.ratings:
         _empty(ax, "no ratings yet")
@@ -474,14 +474,17 @@ def plot_up_rate_over_time(data: RunData, path: Path, bin_s: float = 0.0) -> Non
             color="tab:orange",
             label="hidden judge's mean P(up)",
         )
-    for i, (t, _, to) in enumerate(swaps(data)):
+    changes = swaps(data)
+    label_every = max(1, math.ceil(len(changes) / 12))  # at most a dozen version labels
+    for i, (t, _, to) in enumerate(changes):
         x = _minutes(t, t0)
         ax.axvline(x, color="tab:green", ls=":", lw=1, label="serving swapped" if i == 0 else None)
-        ax.text(x, 0.99, f" {to}", rotation=90, fontsize=7, va="top", ha="right", color="tab:green")
+        if i % label_every == label_every - 1 or i == len(changes) - 1:
+            ax.text(x, 0.99, f" {to}", rotation=90, fontsize=7, va="top", ha="right", color="tab:green")
     ax.set_ylim(0, 1.0)
     ax.set_xlabel("minutes since start")
     ax.set_ylabel("share of thumbs up")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return _save(fig, path)
 
 
