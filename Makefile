@@ -3,12 +3,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PYTEST_ARGS ?= -m "not e2e"
+PYTEST_ARGS ?=
 
 .PHONY: help venv protos lint format test test-e2e demo kafka-start kafka-stop clean
 
 help:
 	@echo "make test   - create the venv, install, generate stubs, lint, run the whole suite (starts Kafka itself)"
+	@echo "make test-e2e - only the closed-loop learning test (part of make test too)"
 	@echo "make demo   - run the whole loop on this machine and write a report"
 	@echo "make lint   - ruff check and format check"
 

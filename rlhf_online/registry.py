@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,8 +179,9 @@ class Registry:
             self._write_latest(kind_dir, version)
         log.info("LATEST of %s is now %s", kind, version)
 
-    def retain(self, kind: str, keep: int) -> list[str]:
-        """Deletes versions older than the newest `keep`, never LATEST nor its parent; returns the deleted."""
+    def retain(self, kind: str, keep: int, protect: Iterable[str] = ()) -> list[str]:
+        """Deletes versions older than the newest `keep`, never LATEST, its parent nor those in `protect`
+        (the trainer's reference policy); returns the deleted."""
         if keep < 1:
             raise ValueError(f"keep={keep} would delete every version; keep at least 1")
         kind_dir = self._kind_dir(kind)
@@ -188,7 +189,7 @@ class Registry:
             return []
         deleted = []
         with self._lock(kind_dir):
-            protected = set()
+            protected = set(protect)
             latest = self.latest(kind)
             if latest is not None:
                 protected.add(latest)

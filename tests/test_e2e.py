@@ -1,18 +1,22 @@
 """The closed loop end to end: broker, inference, reward and trainer as child processes, simulated users
 rating with the built-in `lowercase` judge, the report at the end (the demo's orchestration, smaller).
 
+Phases: users first get BASELINE_ANSWERS answers of the base model (the trainer starts after them), then the
+loop learns for DURATION_S, then the trainer stops and users get FINAL_ANSWERS answers of the version serving
+then. So the first and the last version's thumbs-up rates each rest on a fixed sample, whatever the timing.
+
 What it asserts:
-1. the loop learns: the thumbs-up rate of the last version that served at least LAST_MIN_RATINGS rated
-   answers beats the first (base) version's by at least MARGIN (the first has at least FIRST_MIN_RATINGS);
+1. the loop learns: the last version's thumbs-up rate beats the first (base) version's by at least MARGIN;
 2. every rating that SubmitFeedback acknowledged is in the feedback topic exactly once (by event_id), and the
    topic holds no duplicate event_id at all;
 3. the report was written with every plot, and its verdict says the loop learned.
 
-Sizes: the base model starts near 27% thumbs up (the judge's 25% plus 5% rater noise) and a lowercase-only
-answer gets 95%. Measured on the shared 2-core machine (6.4 min in all): v000001 26.6% of 184 ratings, the
-last version (v000014) 72.9% of 59 ratings, 14 PPO rounds, 13 swaps; so the 0.15 margin leaves room for a
-machine twice as slow. Sampling alone: with 100 and 50 ratings the standard error of the difference is about
-0.08, so a true rise of 0.35 falls below the margin with a chance under 1%, the measured 0.46 under 0.01%.
+Sizes: the base model gets about 30% thumbs up (the judge's ~25% plus 5% rater noise) and a lowercase-only
+answer 95%. Measured on the shared 2-core machine with these phases (420 s of learning, 9.1 min in all): base
+31.6% of 187 ratings; 65% by the 4th version (about 2 minutes of learning), over 80% from the 7th on; the last
+version 83.3% of 150 ratings. With 150 ratings on each side the standard error of the difference is about
+0.05: a true rise of 0.40 (learning half as fast) falls below the 0.25 margin with a chance under 0.2%, the
+measured 0.52 under 1e-7.
 """
 
 import asyncio
@@ -28,12 +32,12 @@ from rlhf_online.sim import report
 from rlhf_online.sim.config import DemoConfig
 from rlhf_online.sim.demo import run_demo
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(1200)]
 
-DURATION_S = 360.0
-FIRST_MIN_RATINGS = 100
-LAST_MIN_RATINGS = 50
-MARGIN = 0.15
+DURATION_S = 300.0
+BASELINE_ANSWERS = 150
+FINAL_ANSWERS = 150
+MARGIN = 0.25
 
 
 def test_closed_loop_learns_and_keeps_every_acknowledged_rating(
@@ -48,6 +52,8 @@ def test_closed_loop_learns_and_keeps_every_acknowledged_rating(
         seed=0,
         concurrency=8,
         users=100,
+        baseline_answers=BASELINE_ANSWERS,
+        final_answers=FINAL_ANSWERS,
         startup_timeout_s=300,
         shutdown_timeout_s=60,
     )
@@ -65,12 +71,10 @@ def test_closed_loop_learns_and_keeps_every_acknowledged_rating(
     rates = {v: (sum(by_version[v]) / len(by_version[v]), len(by_version[v])) for v in order}
     print("thumbs-up rate per version (rate, ratings):", rates)
 
-    # 1. learning
-    first = order[0]
-    assert rates[first][1] >= FIRST_MIN_RATINGS, f"too few ratings of the base version: {rates}"
-    rated_enough = [v for v in order[1:] if rates[v][1] >= LAST_MIN_RATINGS]
-    assert rated_enough, f"no later version served {LAST_MIN_RATINGS} rated answers: {rates}\n{log}"
-    last = rated_enough[-1]
+    # 1. learning: every baseline answer came from the base version, every final one from the last version
+    first, last = order[0], acked[-1]["model_version"]
+    assert first == "v000001" and rates[first][1] >= BASELINE_ANSWERS, f"baseline: {rates}"
+    assert last != first and rates[last][1] >= FINAL_ANSWERS, f"final evaluation: {rates}\n{log}"
     assert rates[last][0] >= rates[first][0] + MARGIN, (
         f"no learning: {first} {rates[first]}, {last} {rates[last]}"
     )

@@ -167,6 +167,15 @@ def test_retain_keeps_latest_and_its_parent(tmp_path):
         reg.retain("policy", keep=0)
 
 
+def test_retain_never_deletes_a_protected_version(tmp_path):
+    reg = Registry(tmp_path)
+    for i in range(5):
+        reg.publish("policy", writer({"w": str(i).encode()}))
+    # v000001 is the trainer's reference policy: it outlives retention of 1 (no version here has a parent).
+    assert reg.retain("policy", keep=1, protect=["v000001"]) == ["v000002", "v000003", "v000004"]
+    assert reg.versions("policy") == ["v000001", "v000005"]
+
+
 def test_manifest_is_plain_json_with_every_file(tmp_path):
     reg = Registry(tmp_path)
     reg.publish("reward", writer({"x/y.txt": b"hello"}), extra={"applied": 3})

@@ -117,3 +117,21 @@ def test_checkpoint_round_trip_resumes_the_lineage(model, tmp_path):
     assert all(resumed.add(ex) is not None for ex in stream[30:])
     # Same rng state: the next replay sample is the same in both.
     assert resumed._sample_replay(stream[30:32]) == learner._sample_replay(stream[30:32])
+
+
+@pytest.mark.parametrize("layers", [0, 1])
+def test_a_shallower_reward_model_saves_and_loads_at_its_depth(tiny_model_dir, tmp_path, layers):
+    model = init_reward_model(tiny_model_dir, max_length=64, seed=0, layers=layers)
+    full = init_reward_model(tiny_model_dir, max_length=64, seed=0)
+    assert model.backbone.config.num_hidden_layers == layers
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
+    # What is kept (the bottom blocks, embeddings, norm, head) is the full model's, unchanged.
+    full_params = dict(full.backbone.named_parameters())
+    for name, p in model.backbone.named_parameters():
+        assert_close(p, full_params[name])
+    model.save(tmp_path)
+    loaded = load_reward_model(tmp_path)
+    assert loaded.backbone.config.num_hidden_layers == layers
+    assert_close(loaded.score(["x", "y"], ["up!", "down"]), model.score(["x", "y"], ["up!", "down"]))
+    with pytest.raises(ValueError, match="has 4 transformer blocks; cannot keep 5"):
+        init_reward_model(tiny_model_dir, max_length=64, seed=0, layers=5)

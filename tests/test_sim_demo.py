@@ -41,6 +41,20 @@ def test_service_flags_parse_with_the_services_configs(tmp_path):
         ports |= {service.grpc_port, service.metrics_port}
     assert len(ports) == 6
     assert parse_config(TrainerConfig, services[2].command[4:], {}).min_new_ratings == 16
+    # Not the tiny model: the reward service keeps its own defaults.
+    assert parse_config(RewardConfig, services[1].command[4:], {}).backbone_layers == -1
+
+
+def test_the_tiny_model_gets_a_reward_model_sized_for_it(tiny_model_dir, tmp_path):
+    from rlhf_online.reward.config import RewardConfig
+
+    config = DemoConfig(reward_args="--steps-per-update 2")
+    reward = demo.service_commands(
+        config, bootstrap="b:1", prefix="p", registry=tmp_path, model_dir=tiny_model_dir, run_dir=tmp_path
+    )[1]
+    parsed = parse_config(RewardConfig, reward.command[4:], {})
+    assert (parsed.backbone_layers, parsed.max_length, parsed.trainable_layers) == (0, 40, -1)
+    assert parsed.steps_per_update == 2  # the user's flags win
 
 
 def _outcome(i: int, version: str, up: bool) -> Outcome:
@@ -183,3 +197,18 @@ def test_closing_lines():
 def test_demo_config_validation():
     with pytest.raises(ValueError, match="duration_s"):
         DemoConfig(duration_s=0)
+    with pytest.raises(ValueError, match="baseline_answers and final_answers"):
+        DemoConfig(final_answers=-1)
+    flags = ["--baseline-answers", "150", "--final-answers", "120"]
+    parsed = parse_config(DemoConfig, flags, {})
+    assert (parsed.baseline_answers, parsed.final_answers) == (150, 120)
+
+
+async def test_stopping_skips_services_never_started(tmp_path):
+    # With --baseline-answers the trainer starts late; a Ctrl-C before then must not wait for it.
+    never = demo.Service("trainer", ["true"], 1, 2, "", tmp_path / "t.log")
+    assert not never.running() and never.exited() is None
+    out = io.StringIO()
+    run = demo.Demo(DemoConfig(run_dir=str(tmp_path), shutdown_timeout_s=600), out=out)
+    await asyncio.wait_for(run._stop([never]), timeout=60)  # a hang guard: without the fix it waits 600 s
+    assert out.getvalue() == ""  # nothing to stop, so nothing said

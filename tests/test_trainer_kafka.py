@@ -9,7 +9,7 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import REGISTRY
 from transformers import AutoTokenizer
 
-from rlhf_online.bootstrap import ensure_initial_policy
+from rlhf_online.bootstrap import copy_model_files, ensure_initial_policy
 from rlhf_online.broker.clients import make_producer, read_topic
 from rlhf_online.engine.chat_format import render_prompt
 from rlhf_online.proto.rlhf.v1 import chat_pb2, events_pb2
@@ -95,12 +95,17 @@ def test_ratings_lead_to_a_gated_published_version_and_model_event(
 ):
     registry = Registry(tmp_path / "registry")
     ensure_initial_policy(registry, tiny_model_dir)
+    # Two earlier rounds' versions (copies of the base): the round starts from v000003, and retention (keep 1)
+    # then deletes v000002 but keeps the reference v000001 and the new version's parent v000003.
+    for parent in ("v000001", "v000002"):
+        registry.publish("policy", lambda tmp: copy_model_files(tiny_model_dir, tmp), parent_version=parent)
     reward_version = publish_reward_checkpoint(registry, tiny_model_dir)
     produce_traffic(kafka_bootstrap, topics, AutoTokenizer.from_pretrained(tiny_model_dir), n=48)
     group = f"trainer-{topics.prefix}"
     config = TrainerConfig(
         kafka_bootstrap=kafka_bootstrap, topic_prefix=topics.prefix, registry_dir=str(registry.root),
         grpc_port=0, consumer_group=group, min_new_ratings=40, round_interval_s=0, poll_interval_s=0.2,
+        keep_versions=1,
     )  # fmt: skip
     passed_before = gate_decisions("passed")
     service = create_service(config)
@@ -116,10 +121,11 @@ def test_ratings_lead_to_a_gated_published_version_and_model_event(
         service.stop()
 
     version = service.last_published
-    assert registry.latest("policy") == version == "v000002"
+    assert registry.latest("policy") == version == "v000004"
+    assert registry.versions("policy") == ["v000001", "v000003", "v000004"]
     registry.verify("policy", version)
     manifest = registry.manifest("policy", version)
-    assert manifest.parent_version == "v000001"
+    assert manifest.parent_version == "v000003"
     assert (
         manifest.extra["reward_version"] == reward_version
         and manifest.extra["reference_version"] == "v000001"
@@ -138,7 +144,7 @@ def test_ratings_lead_to_a_gated_published_version_and_model_event(
     assert len(events) == 1
     event = events[0]
     assert (event.kind, event.action) == (events_pb2.POLICY, events_pb2.PUBLISHED)
-    assert (event.version, event.parent_version, event.path) == (version, "v000001", f"policy/{version}")
+    assert (event.version, event.parent_version, event.path) == (version, "v000003", f"policy/{version}")
     assert event.metrics["gate_improvement"] == pytest.approx(manifest.metrics["gate_improvement"])
 
     consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)

@@ -9,6 +9,7 @@ downloaded, and the same seed writes byte-identical weights.
 """
 
 import argparse
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,19 @@ def write_tiny_model(path: Path, *, seed: int = 0, preset: str = "tiny") -> Path
     tokenizer.save_pretrained(path)
     log.info("wrote the %s model (%d parameters, seed %d) to %s", preset, model.num_parameters(), seed, path)
     return path
+
+
+def is_tiny_preset(path: str | Path) -> bool:
+    """Whether the model folder has the tiny preset's architecture and vocabulary (however it was trained
+    since), so tools can pick settings sized for it."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    preset = PRESETS["tiny"]
+    return config.get("vocab_size") == len(SPECIAL_TOKENS) + len(CHARACTERS) and all(
+        config.get(name) == value for name, value in vars(preset).items()
+    )
 
 
 def main(argv: Sequence[str], env: Mapping[str, str]) -> int:

@@ -35,6 +35,13 @@ class RewardConfig:
     trainable_layers: int = field(
         default=2, metadata={"help": "top transformer layers to train (plus the head); -1 trains all"}
     )
+    backbone_layers: int = field(
+        default=-1,
+        metadata={
+            "help": "keep only the bottom N transformer blocks of the base model in a new reward model "
+            "(-1: all; 0: embeddings and head only, a bag-of-tokens scorer)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the head init, replay sampling and batching"})
     # ---- learning
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate"})
@@ -89,6 +96,7 @@ class RewardConfig:
         checks = [
             (self.max_length >= 8, "--max-length must be at least 8 tokens"),
             (self.trainable_layers >= -1, "--trainable-layers must be -1 (all) or >= 0"),
+            (self.backbone_layers >= -1, "--backbone-layers must be -1 (all) or >= 0"),
             (self.learning_rate > 0, "--learning-rate must be > 0"),
             (self.update_every_examples >= 1, "--update-every-examples must be >= 1"),
             (self.update_interval_s > 0, "--update-interval-s must be > 0"),

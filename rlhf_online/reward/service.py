@@ -532,22 +532,27 @@ class RewardService:
         return OnlineLearner(model, settings)
 
     def _init_model(self) -> RewardModel:
-        c = self.config
-        if c.base_model_dir:
-            return init_reward_model(c.base_model_dir, max_length=c.max_length, seed=c.seed, device=c.device)
+        if self.config.base_model_dir:
+            return self._new_model(self.config.base_model_dir)
         for version in self.registry.versions(POLICY):  # the oldest policy: the lineage's base model
             try:
                 base = self.registry.verify(POLICY, version)
             except RegistryError as e:
                 log.warning("policy %s cannot be used as the reward base (%s)", version, e)
                 continue
-            return init_reward_model(base, max_length=c.max_length, seed=c.seed, device=c.device)
+            return self._new_model(base)
         from rlhf_online.engine.tiny_model import write_tiny_model
 
         log.info("no --base-model-dir and no policy in the registry: starting from the tiny preset")
         with tempfile.TemporaryDirectory(prefix="rlhf-reward-base-") as tmp:
-            write_tiny_model(Path(tmp), seed=c.seed)
-            return init_reward_model(tmp, max_length=c.max_length, seed=c.seed, device=c.device)
+            write_tiny_model(Path(tmp), seed=self.config.seed)
+            return self._new_model(tmp)
+
+    def _new_model(self, base: str | Path) -> RewardModel:
+        c = self.config
+        return init_reward_model(
+            base, max_length=c.max_length, seed=c.seed, device=c.device, layers=c.backbone_layers
+        )
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -107,7 +107,9 @@ class ReportConfig:
 class DemoConfig:
     """Run the whole loop on this machine (broker, three services, simulated users) and write a report."""
 
-    duration_s: float = field(default=480.0, metadata={"help": "Seconds the simulated users chat and rate."})
+    duration_s: float = field(
+        default=360.0, metadata={"help": "Seconds the simulated users chat and rate while the loop learns."}
+    )
     run_dir: str = field(
         default="",
         metadata={"help": "Folder of this run's logs, registry and report; empty: runs/<timestamp>."},
@@ -146,6 +148,20 @@ class DemoConfig:
         metadata={"help": "Requests per second; 0: as fast as served (leaves less CPU to learn)."},
     )
     max_new_tokens: int = field(default=32, metadata={"help": "Length cap of each answer, in tokens."})
+    baseline_answers: int = field(
+        default=120,
+        metadata={
+            "help": "Before the trainer starts, users get (and rate) this many answers of the base model, so "
+            "its thumbs-up rate rests on a fixed sample; 0: the trainer starts with the others."
+        },
+    )
+    final_answers: int = field(
+        default=120,
+        metadata={
+            "help": "After --duration-s, the trainer stops and users get (and rate) this many answers of the "
+            "version serving then, so its thumbs-up rate rests on a fixed sample; 0: no final phase."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the users and the services."})
     inference_args: str = field(
         default="", metadata={"help": "Extra flags for serve-inference (shell words)."}
@@ -168,3 +184,5 @@ class DemoConfig:
             raise ValueError("refresh_s, startup_timeout_s and shutdown_timeout_s must be > 0")
         if self.torch_threads < 0:
             raise ValueError("torch_threads must be >= 0")
+        if self.baseline_answers < 0 or self.final_answers < 0:
+            raise ValueError("baseline_answers and final_answers must be >= 0")

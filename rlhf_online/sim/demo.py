@@ -10,9 +10,12 @@ Steps:
 2. the local Kafka broker (`rlhf-online kafka start`; reused when it already runs);
 3. the three services as child processes (`serve-inference`, `serve-reward`, `serve-trainer`), each on free
    ports, waiting until their gRPC health says SERVING; the first policy version is the base model;
-4. the simulated users (`rlhf-online simulate`, in this process) for `--duration-s`, while the terminal shows
-   answers served, ratings, thumbs-up rate per model version, the reward model's held-out accuracy, PPO rounds
-   and gate decisions, and swaps;
+4. the simulated users (`rlhf-online simulate`, in this process), in three phases: a baseline of
+   `--baseline-answers` answers of the base model (the trainer starts after it), `--duration-s` of learning,
+   and a final evaluation of `--final-answers` answers of the last version (the trainer stopped), so the first
+   and the last version's thumbs-up rates rest on fixed samples. The terminal shows answers served, ratings,
+   thumbs-up rate per model version, the reward model's held-out accuracy, PPO rounds and gate decisions, and
+   swaps;
 5. at the end or on Ctrl-C: the users stop, the services get SIGTERM (SIGKILL after a timeout), the report is
    written from the topics, a broker the demo started is stopped, and the report's path is printed.
 """
@@ -43,6 +46,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf_online.config import parse_config
+from rlhf_online.engine.tiny_model import is_tiny_preset
 from rlhf_online.sim import report
 from rlhf_online.sim.config import DemoConfig, SimulateConfig
 from rlhf_online.sim.simulate import Outcome, Summary, simulate
@@ -96,6 +100,9 @@ class Service:
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -112,20 +119,24 @@ class Service:
             self.proc.kill()
 
 
-# Settings the demo gives each service on top of their defaults, sized so that the loop learns within a few
-# minutes on two CPU cores; `--inference-args` etc. override them (the last flag wins).
-DEMO_FLAGS: dict[str, dict[str, str]] = {
-    "inference": {"--replica-id": "demo-0"},
-    # The reward model reads the answer only (the last 40 tokens: 32 of answer, the end of the chat template),
-    # trains every layer, and takes 4 steps per 32 ratings: the tiny random model needs many steps per rating.
+# Settings the demo gives each service on top of their defaults; `--inference-args` etc. override them (the
+# last flag wins).
+DEMO_FLAGS: dict[str, dict[str, str]] = {"inference": {"--replica-id": "demo-0"}, "reward": {}, "trainer": {}}
+
+# With the tiny model (the default), the reward model is sized so that the loop learns within a few minutes
+# on two CPU cores: the tiny model's embeddings, final norm and head, no transformer block (a bag-of-tokens
+# scorer, which learns the demo's character-class preference from a few hundred ratings where all 4 blocks
+# need over a thousand); it reads the answer only (the last 40 tokens: 32 of answer, the end of the chat
+# template) and takes 4 steps per 32 ratings. A real model directory keeps the reward service's defaults.
+TINY_MODEL_FLAGS: dict[str, dict[str, str]] = {
     "reward": {
+        "--backbone-layers": "0",
         "--max-length": "40",
         "--trainable-layers": "-1",
         "--learning-rate": "1e-3",
         "--steps-per-update": "4",
         "--checkpoint-every-updates": "4",
     },
-    "trainer": {},
 }
 
 
@@ -147,6 +158,7 @@ def service_commands(
     }
     if config.torch_threads:
         common["--torch-threads"] = str(config.torch_threads)
+    tiny = is_tiny_preset(model_dir)
     services = []
     for name in ("inference", "reward", "trainer"):
         grpc_port, metrics_port = free_port(), free_port()
@@ -155,6 +167,7 @@ def service_commands(
             "--grpc-port": str(grpc_port),
             "--metrics-port": str(metrics_port),
             **DEMO_FLAGS[name],
+            **(TINY_MODEL_FLAGS.get(name, {}) if tiny else {}),
         }
         if name == "inference":
             flags["--signing-key"] = secrets.token_hex(32)
@@ -261,6 +274,7 @@ class Progress:
 
     duration_s: float
     judge: str
+    phase: str = "learning"  # or "baseline" / "final evaluation" (see --baseline-answers, --final-answers)
     started: float = field(default_factory=time.monotonic)
     summary: Summary = field(default_factory=Summary)
     recent: deque = field(default_factory=lambda: deque(maxlen=100))  # last ratings, True = up
@@ -307,7 +321,8 @@ class Progress:
         errors = sum(s.errors.values())
         recent = f"{sum(self.recent) / len(self.recent):.0%}" if self.recent else "-"
         out = [
-            f"rlhf-online demo  {_clock(elapsed)} / {_clock(self.duration_s)}   judge: {self.judge}",
+            f"rlhf-online demo  {_clock(elapsed)} / {_clock(self.duration_s)}   judge: {self.judge}   "
+            f"phase: {self.phase}",
             f"answers served {s.requests - errors:>6}   ratings {s.rated:>6}   errors {errors:>4}   "
             f"thumbs up over the last {len(self.recent)} ratings: {recent}",
             f"  {'version':<10}{'served':>8}{'rated':>8}{'up rate':>9}",
@@ -418,6 +433,7 @@ class Demo:
         self.started_broker = False
         self.follower: ModelEventFollower | None = None
         self.progress = Progress(config.duration_s, config.judge)
+        self._phases_run = 0
         self.stop = asyncio.Event()
         self.hurry = asyncio.Event()  # a second Ctrl-C: kill instead of waiting
 
@@ -529,23 +545,76 @@ class Demo:
             model_dir=model_dir,
             run_dir=self.run_dir,
         )
+        # With a baseline phase the trainer starts after it (`_simulate`), so the base model serves it all.
+        await self._launch(self.services[:2] if self.config.baseline_answers else self.services)
+
+    async def _launch(self, services: list[Service]) -> None:
+        """Starts `services` and waits until each one's gRPC health says SERVING."""
         env = {**self.env, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         if self.config.torch_threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.config.torch_threads)
         t0 = time.monotonic()
-        for service in self.services:
+        for service in services:
             service.start(env)
             self.display.say(
                 f"{service.name}: started (pid {service.proc.pid}, gRPC {service.grpc_port}, "
                 f"metrics {service.metrics_port}, log {service.log_path})"
             )
         deadline = time.monotonic() + self.config.startup_timeout_s
-        for service in self.services:
+        for service in services:
             await wait_serving(service, deadline, self.stop)
             if not self.stop.is_set():
                 self.display.say(f"{service.name}: SERVING after {time.monotonic() - t0:.0f}s")
 
     async def _simulate(self, outcomes: Path) -> None:
+        """The users' phases: the optional baseline, the learning run, the optional final evaluation."""
+        c = self.config
+        self.progress = Progress(c.duration_s, f"{c.judge} (noise {c.rater_noise:.2f})")
+        self.display.say("simulated users: chatting and rating (Ctrl-C stops the run and writes the report)")
+        try:
+            await self._phases_of_users(outcomes)
+        finally:
+            summary = json.dumps(self.progress.summary.to_json(), indent=2) + "\n"
+            (self.run_dir / "simulate-summary.json").write_text(summary, encoding="utf-8")
+
+    async def _phases_of_users(self, outcomes: Path) -> None:
+        c = self.config
+        if c.baseline_answers:
+            self.progress.phase = "baseline"
+            self.display.say(
+                f"baseline: {c.baseline_answers} answers of the base model before the trainer starts"
+            )
+            await self._users(outcomes, max_requests=c.baseline_answers)
+            if self.stop.is_set():
+                return
+            await self._launch(self.services[2:])
+        self.progress.phase = "learning"
+        self.progress.started = time.monotonic()  # the clock counts the learning run against --duration-s
+        await self._users(outcomes, duration_s=c.duration_s)
+        if c.final_answers and not self.stop.is_set():
+            version = await self._freeze_policy()
+            self.progress.phase = "final evaluation"
+            self.display.say(f"final evaluation: {c.final_answers} answers of {version}, the trainer stopped")
+            await self._users(outcomes, max_requests=c.final_answers)
+
+    async def _freeze_policy(self) -> str:
+        """Stops the trainer, then waits until serving runs the last version it published; returns it."""
+        from rlhf_online.registry import Registry
+
+        await self._stop([self.services[2]])
+        latest = Registry(self.run_dir / "registry").latest("policy") or ""
+        key = f'rlhf_inference_model_version_info{{version="{latest}"}}'
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            if (await asyncio.to_thread(scrape, self.services[0].metrics_port)).get(key) == 1.0:
+                return latest
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.2)
+        self.display.say(f"warning: serving did not switch to {latest}; evaluating the version it serves")
+        return self.progress.serving
+
+    async def _users(self, outcomes: Path, *, duration_s: float = 0.0, max_requests: int = 0) -> None:
+        """Runs the simulated users until `duration_s` or `max_requests` (or Ctrl-C), updating the display."""
         c = self.config
         inference = self.services[0]
         sim_config = SimulateConfig(
@@ -558,13 +627,12 @@ class Demo:
             users=c.users,
             rate=c.rate,
             max_new_tokens=c.max_new_tokens,
-            duration_s=c.duration_s,
-            seed=c.seed,
+            duration_s=duration_s,
+            max_requests=max_requests,
+            seed=c.seed + self._phases_run,  # each phase draws users and prompts of its own
             outcomes_path=str(outcomes),
-            summary_path=str(self.run_dir / "simulate-summary.json"),
         )
-        self.progress = Progress(c.duration_s, f"{c.judge} (noise {c.rater_noise:.2f})")
-        self.display.say("simulated users: chatting and rating (Ctrl-C stops the run and writes the report)")
+        self._phases_run += 1
         task = asyncio.create_task(simulate(sim_config, stop=self.stop, on_outcome=self.progress.on_outcome))
         rounds_file = self.run_dir / "rounds.jsonl"
         while not task.done():
@@ -590,7 +658,11 @@ class Demo:
             self.progress.models = self.follower.snapshot()
 
     async def _stop_services(self) -> None:
-        running = [s for s in self.services if s.exited() is None]
+        await self._stop(self.services)
+
+    async def _stop(self, services: list[Service]) -> None:
+        """SIGTERM to the running ones among `services` (last first), SIGKILL after the shutdown timeout."""
+        running = [s for s in services if s.running()]
         if not running:
             return
         self.display.say(f"stopping {', '.join(s.name for s in running)} (SIGTERM)")

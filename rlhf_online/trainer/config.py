@@ -14,7 +14,7 @@ _POSITIVE = (
     "temperature", "learning_rate", "clip_range", "clip_range_value", "max_grad_norm", "gate_max_kl",
     "kl_target", "poll_interval_s",
 )  # fmt: skip
-_NON_NEGATIVE = ("kl_coef", "vf_coef", "ent_coef", "round_interval_s", "min_new_ratings")
+_NON_NEGATIVE = ("kl_coef", "vf_coef", "ent_coef", "round_interval_s", "min_new_ratings", "keep_versions")
 
 
 @dataclass
@@ -58,6 +58,13 @@ class TrainerConfig:
         metadata={"help": "Only run a round when a reward checkpoint newer than the last one used exists."},
     )
     poll_interval_s: float = field(default=1.0, metadata={"help": "Seconds between checks of the triggers."})
+    keep_versions: int = field(
+        default=10,
+        metadata={
+            "help": "Policy versions kept in the registry after each publish, besides LATEST, its parent and "
+            "the reference (0 keeps all); Rollback can only go back to a kept version."
+        },
+    )
     consumer_group: str = field(
         default="rlhf-trainer", metadata={"help": "Consumer group whose committed offsets count ratings."}
     )

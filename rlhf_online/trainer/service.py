@@ -433,6 +433,8 @@ class TrainerService:
                 )
             )
         self.versions_published += 1
+        if self.config.keep_versions:
+            self.registry.retain(POLICY, self.config.keep_versions, protect=[reference_version])
         log.info(
             "%s: published policy %s (parent %s, reward %s, gate %+.4f)",
             name,
