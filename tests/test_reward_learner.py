@@ -7,6 +7,7 @@ from torch.testing import assert_close
 
 from rlhf_online.registry import Registry
 from rlhf_online.reward import checkpoint
+from rlhf_online.reward.config import RewardConfig
 from rlhf_online.reward.learner import HELDOUT, TRAIN, LearnerSettings, OnlineLearner, is_heldout
 from rlhf_online.reward.model import freeze_lower_layers, init_reward_model, load_reward_model
 from rlhf_online.reward.synthetic import synthetic_examples
@@ -135,3 +136,5 @@ def test_a_shallower_reward_model_saves_and_loads_at_its_depth(tiny_model_dir, t
     assert_close(loaded.score(["x", "y"], ["up!", "down"]), model.score(["x", "y"], ["up!", "down"]))
     with pytest.raises(ValueError, match="has 4 transformer blocks; cannot keep 5"):
         init_reward_model(tiny_model_dir, max_length=64, seed=0, layers=5)
+    with pytest.raises(ValueError, match="--backbone-layers must be -1"):
+        RewardConfig(backbone_layers=-2)

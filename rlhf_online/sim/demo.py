@@ -746,7 +746,9 @@ async def run_demo(
 def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
     config = parse_config(DemoConfig, argv, env, prog="rlhf-online demo")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.ERROR)
+    # kafka-python logs its own retries, and a metadata refresh that close() cancels, at ERROR; in this
+    # terminal they would only break the progress block: failures show there as errors, and in the run's logs.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
         result = asyncio.run(run_demo(config, env=env, install_signal_handlers=True))
     except DemoError as e:
