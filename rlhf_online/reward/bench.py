@@ -42,6 +42,9 @@ def _service(args, root: Path, topics: Topics):
         eval_every_updates=args.eval_every_updates,
         checkpoint_every_updates=args.checkpoint_every_updates,
         steps_per_update=args.steps_per_update,
+        backbone_layers=args.backbone_layers,
+        trainable_layers=args.trainable_layers,
+        max_length=args.max_length,
     )
     return create_service(config)
 
@@ -134,6 +137,9 @@ def main() -> None:
     parser.add_argument("--eval-every-updates", type=int, default=10)
     parser.add_argument("--checkpoint-every-updates", type=int, default=20)
     parser.add_argument("--steps-per-update", type=int, default=2)
+    parser.add_argument("--backbone-layers", type=int, default=-1, help="the demo's tiny-model setting: 0")
+    parser.add_argument("--trainable-layers", type=int, default=2, help="the demo's tiny-model setting: -1")
+    parser.add_argument("--max-length", type=int, default=256, help="the demo's tiny-model setting: 40")
     parser.add_argument("--skip", choices=["throughput", "latency"], default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
