@@ -12,25 +12,12 @@ concurrent clients, and the largest batch the engine ran.
 
 import argparse
 import asyncio
-import statistics
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
 import grpc
-import torch
+from bench_server import percentile, start_server
 
-from rlhf_online.broker.clients import ensure_topics
-from rlhf_online.engine.tiny_model import write_tiny_model
-from rlhf_online.inference.config import InferenceConfig
-from rlhf_online.inference.server import create_server
 from rlhf_online.proto.rlhf.v1 import chat_pb2, chat_pb2_grpc
-from rlhf_online.topics import Topics
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
 async def chat_latencies(
@@ -73,25 +60,14 @@ async def feedback_rate(stub, response_ids: list[str], raters: int, clients: int
 
 
 async def main(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.torch_threads)  # the service's default
-    topics = Topics(f"bench{uuid.uuid4().hex[:6]}")
-    ensure_topics(args.kafka_bootstrap, topics, partitions=4)
-    work = Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
-    write_tiny_model(work / "tiny", seed=0)
-    config = InferenceConfig(
-        grpc_port=0,
-        metrics_port=-1,
-        kafka_bootstrap=args.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        registry_dir=str(work / "registry"),
-        base_model_dir=str(work / "tiny"),
-        signing_key="b" * 32,
+    running, _, _ = await start_server(
+        args.kafka_bootstrap,
+        torch_threads=args.torch_threads,
+        partitions=4,
         max_batch_size=args.max_batch_size,
         feedback_burst=100_000,
         feedback_rate_per_s=100_000,
-        replica_id="bench",
     )
-    running = await create_server(config)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         await chat_latencies(stub, 1, 3, args.max_new_tokens)  # warm-up

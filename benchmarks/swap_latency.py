@@ -17,24 +17,18 @@ requests that did not, and counts failed requests (there should be none).
 
 import argparse
 import asyncio
-import statistics
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import torch
+from bench_server import percentile, start_server
 
 from rlhf_online.bootstrap import copy_model_files
-from rlhf_online.broker.clients import ensure_topics, make_producer
+from rlhf_online.broker.clients import make_producer
 from rlhf_online.engine.tiny_model import write_tiny_model
-from rlhf_online.inference.config import InferenceConfig
-from rlhf_online.inference.server import create_server
 from rlhf_online.proto.rlhf.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 from rlhf_online.registry import Registry
-from rlhf_online.topics import Topics
 
 
 @dataclass
@@ -50,10 +44,6 @@ class Swap:
     announced: float
     serving: float
     first_answer: float | None = None
-
-
-def percentile(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 
 def ms(seconds: float) -> str:
@@ -123,23 +113,9 @@ def report(swaps: list[Swap], calls: list[Call], failures: list[str], args) -> N
 
 
 async def main(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.torch_threads)  # the service's default
-    topics = Topics(f"bench{uuid.uuid4().hex[:6]}")
-    ensure_topics(args.kafka_bootstrap, topics, partitions=2)
-    work = Path(tempfile.mkdtemp(prefix="rlhf-bench-swap-"))
+    running, topics, work = await start_server(args.kafka_bootstrap, torch_threads=args.torch_threads)
     candidates = [write_tiny_model(work / f"candidate{k}", seed=k + 1) for k in range(2)]
-    config = InferenceConfig(
-        grpc_port=0,
-        metrics_port=-1,
-        kafka_bootstrap=args.kafka_bootstrap,
-        topic_prefix=topics.prefix,
-        registry_dir=str(work / "registry"),
-        base_model_dir=str(write_tiny_model(work / "tiny", seed=0)),
-        signing_key="b" * 32,
-        replica_id="bench",
-    )
-    running = await create_server(config)
-    registry, producer = Registry(config.registry_dir), make_producer(args.kafka_bootstrap, client_id="bench")
+    registry, producer = Registry(work / "registry"), make_producer(args.kafka_bootstrap, client_id="bench")
     calls, failures, swaps, stop = [], [], [], asyncio.Event()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)

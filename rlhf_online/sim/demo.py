@@ -47,6 +47,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf_online.config import parse_config
 from rlhf_online.engine.tiny_model import is_tiny_preset
+from rlhf_online.registry import Registry
 from rlhf_online.sim import report
 from rlhf_online.sim.config import DemoConfig, SimulateConfig
 from rlhf_online.sim.simulate import Outcome, Summary, simulate
@@ -599,8 +600,6 @@ class Demo:
 
     async def _freeze_policy(self) -> str:
         """Stops the trainer, then waits until serving runs the last version it published; returns it."""
-        from rlhf_online.registry import Registry
-
         await self._stop([self.services[2]])
         latest = Registry(self.run_dir / "registry").latest("policy") or ""
         key = f'rlhf_inference_model_version_info{{version="{latest}"}}'
