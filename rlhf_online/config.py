@@ -11,6 +11,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,3 +100,58 @@ def _default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None
+
+
+def grpc_port_field(default: int) -> Any:
+    """The `grpc_port` field with a service's own default (the help text is the same for all)."""
+    return field(default=default, metadata={"help": "gRPC port; 0 picks a free one."})
+
+
+def metrics_port_field(default: int) -> Any:
+    """The `metrics_port` field with a service's own default."""
+    return field(default=default, metadata={"help": "Prometheus metrics HTTP port (0: any free, -1: off)."})
+
+
+@dataclass
+class ServiceConfig:
+    """Settings every service shares, with one default each; the service configs inherit them.
+
+    Ports are the exception that proves the rule: each service redeclares `grpc_port` and `metrics_port`
+    with a default of its own, so the three can run on one machine (inference 50051/9101, trainer
+    50052/9102, reward 50053/9103).
+    """
+
+    kafka_bootstrap: str = field(default="127.0.0.1:19092", metadata={"help": "Kafka bootstrap servers."})
+    topic_prefix: str = field(default="rlhf", metadata={"help": "Prefix of the Kafka topic names."})
+    registry_dir: str = field(default=".rlhf/registry", metadata={"help": "Model registry root folder."})
+    device: str = field(
+        default="auto", metadata={"help": "torch device: auto (cuda if present), cpu, cuda, cuda:1."}
+    )
+    torch_threads: int = field(
+        default=1,
+        metadata={
+            "help": "torch CPU threads (0: torch's default, all cores). More threads than free cores slows "
+            "torch down a lot, so 1 is the default where the services share a machine."
+        },
+    )
+    grpc_host: str = field(
+        default="127.0.0.1", metadata={"help": "Address the gRPC server binds (0.0.0.0 in a pod)."}
+    )
+    grpc_port: int = grpc_port_field(0)
+    metrics_port: int = metrics_port_field(-1)
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR."})
+
+    def torch_device(self) -> str:
+        """`device` with "auto" resolved: "cuda" when torch sees a GPU, else "cpu"."""
+        if self.device != "auto":
+            return self.device
+        import torch  # here, not at the top: config modules stay cheap to import
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def apply_torch_threads(self) -> None:
+        """Sets torch's CPU thread count when `torch_threads` > 0 (call once, at start-up)."""
+        if self.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)

@@ -1,6 +1,6 @@
 """Kafka topic names of the public contract (see DESIGN.md), derived from one prefix.
 
-The prefix defaults to "rlhf", giving `rlhf.interactions`, `rlhf.feedback`, `rlhf.models` and
+The prefix defaults to "rlhf", giving `rlhf.interactions`, `rlhf.feedback`, `rlhf.models`, `rlhf.rounds` and
 `rlhf.feedback.dlq`; tests use their own prefix so they never see each other's records.
 """
 
@@ -11,7 +11,7 @@ DEFAULT_PREFIX = "rlhf"
 
 @dataclass(frozen=True)
 class Topics:
-    """The four topic names for one deployment."""
+    """The five topic names for one deployment."""
 
     prefix: str = DEFAULT_PREFIX
 
@@ -28,8 +28,13 @@ class Topics:
         return f"{self.prefix}.models"
 
     @property
+    def rounds(self) -> str:
+        """One RoundEvent per PPO round, passed or not (docs/design.md)."""
+        return f"{self.prefix}.rounds"
+
+    @property
     def dlq(self) -> str:
         return f"{self.prefix}.feedback.dlq"
 
     def all(self) -> list[str]:
-        return [self.interactions, self.feedback, self.models, self.dlq]
+        return [self.interactions, self.feedback, self.models, self.rounds, self.dlq]

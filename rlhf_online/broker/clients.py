@@ -6,11 +6,12 @@
 
 Keys and values are bytes (serialized protobufs): no serializers are configured. The timeouts are short on
 purpose: a producer call against a dead broker fails within seconds, so SubmitFeedback can answer UNAVAILABLE
-instead of hanging for a minute (promise 1 in DESIGN.md).
+instead of hanging for a minute (promise 1 in docs/design.md).
 """
 
 import logging
 import socket
+import threading
 import time
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -109,10 +110,11 @@ def wait_for_broker(bootstrap: str, timeout_s: float = 60.0) -> None:
 def ensure_topics(
     bootstrap: str, topics: Topics, *, partitions: int, replication: int = 1, timeout_s: float = 30.0
 ) -> None:
-    """Creates those of the four topics of `topics` that do not exist, and waits for every partition's leader.
+    """Creates those of the five topics of `topics` that do not exist, and waits for every partition's leader.
 
-    interactions and feedback get `partitions` each (the reward join needs them co-partitioned), models and
-    dlq one partition (models: one total order of published versions). Existing topics are left as they are.
+    interactions and feedback get `partitions` each (the reward join needs them co-partitioned); models,
+    rounds and dlq one partition (models and rounds: one total order of versions and of rounds).
+    Existing topics are left as they are.
 
     Raises:
         TopicLayoutError: interactions and feedback exist with different partition counts.
@@ -122,7 +124,10 @@ def ensure_topics(
     if partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
     deadline = time.monotonic() + timeout_s
-    wanted = {topics.interactions: partitions, topics.feedback: partitions, topics.models: 1, topics.dlq: 1}
+    wanted = {
+        topics.interactions: partitions, topics.feedback: partitions,
+        topics.models: 1, topics.rounds: 1, topics.dlq: 1,
+    }  # fmt: skip
     with _admin(bootstrap, timeout_s) as admin:
         existing = _partition_counts(admin, list(wanted))
         _check_copartitioned(topics, existing)
@@ -153,6 +158,31 @@ def ensure_topics(
         _check_copartitioned(topics, _partition_counts(admin, list(wanted)))
 
 
+def wait_for_partitions(
+    consumer: KafkaConsumer, topic: str, *, timeout_s: float = 30.0, stop: threading.Event | None = None
+) -> list[TopicPartition]:
+    """The partitions of `topic`, once the consumer's metadata has them (a topic just created may lag).
+
+    Args:
+        stop: when set while waiting, returns [] at once (a service shutting down).
+
+    Raises:
+        RuntimeError: the topic does not exist after `timeout_s`, saying how to create it.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not (ids := consumer.partitions_for_topic(topic)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"topic {topic} does not exist (waited {timeout_s:.0f}s); create it with "
+                "`rlhf-online kafka start` or the Strimzi KafkaTopic resources"
+            )
+        if stop is not None and stop.wait(0.2):
+            return []
+        if stop is None:
+            time.sleep(0.2)
+    return [TopicPartition(topic, p) for p in sorted(ids)]
+
+
 def read_topic(
     bootstrap: str, topic: str, *, timeout_s: float = 30.0, min_records: int = 0
 ) -> list[ConsumerRecord]:
@@ -176,13 +206,10 @@ def read_topic(
     except KafkaTimeoutError as e:
         raise TimeoutError(f"read_topic({topic!r}): no Kafka broker answered at {bootstrap}: {e}") from e
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        while not partitions:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topic {topic!r} does not exist on {bootstrap} (waited {timeout_s:.0f}s)")
-            time.sleep(0.2)
-            partitions = consumer.partitions_for_topic(topic)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        try:
+            tps = wait_for_partitions(consumer, topic, timeout_s=max(deadline - time.monotonic(), 0.0))
+        except RuntimeError as e:
+            raise TimeoutError(f"read_topic({topic!r}) on {bootstrap}: {e}") from e
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         end = consumer.end_offsets(tps, timeout_ms=_ms_left(deadline))

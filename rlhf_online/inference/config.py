@@ -3,29 +3,21 @@
 import math
 from dataclasses import dataclass, field
 
+from rlhf_online.config import ServiceConfig, grpc_port_field, metrics_port_field
+
 
 @dataclass
-class InferenceConfig:
+class InferenceConfig(ServiceConfig):
     """Serve the policy over gRPC (ChatService, ModelAdmin) and publish answers and ratings to Kafka."""
 
-    grpc_host: str = field(
-        default="127.0.0.1", metadata={"help": "Address the gRPC server binds (0.0.0.0 in a pod)."}
-    )
-    grpc_port: int = field(default=50051, metadata={"help": "gRPC port; 0 picks a free one."})
-    metrics_port: int = field(default=9101, metadata={"help": "Prometheus metrics HTTP port; -1 disables."})
-    kafka_bootstrap: str = field(default="127.0.0.1:19092", metadata={"help": "Kafka bootstrap servers."})
-    topic_prefix: str = field(default="rlhf", metadata={"help": "Prefix of the Kafka topic names."})
-    registry_dir: str = field(default=".rlhf/registry", metadata={"help": "Model registry root folder."})
+    grpc_port: int = grpc_port_field(50051)
+    metrics_port: int = metrics_port_field(9101)
     base_model_dir: str = field(
         default=".rlhf/models/tiny",
         metadata={
             "help": "Hugging Face model directory published as the first policy version if the registry "
             "has none."
         },
-    )
-    device: str = field(default="cpu", metadata={"help": "Torch device: cpu, cuda, cuda:1 (bf16 on CUDA)."})
-    torch_threads: int = field(
-        default=1, metadata={"help": "torch CPU threads for generation (0: torch's default, all cores)."}
     )
     max_batch_size: int = field(
         default=8, metadata={"help": "Most requests generated together in one batch."}
@@ -67,7 +59,6 @@ class InferenceConfig:
     shutdown_grace_s: float = field(
         default=10.0, metadata={"help": "Time in-flight requests get on SIGTERM."}
     )
-    log_level: str = field(default="INFO", metadata={"help": "Python log level."})
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1:

@@ -72,7 +72,7 @@ async def create_server(config: InferenceConfig) -> InferenceServer:
     events = KafkaEvents(
         config.kafka_bootstrap, client_id=f"inference-{replica}", ack_timeout_s=config.feedback_ack_timeout_s
     )
-    load = lambda path: load_policy(path, device=config.device)  # noqa: E731
+    load = lambda path: load_policy(path, device=config.torch_device())  # noqa: E731
     engine, follower = await asyncio.to_thread(_start_engine, config, registry, topics, load, replica)
     chat = ChatService(config, engine, events, _signer(config), topics)
     server = grpc.aio.server()
@@ -113,7 +113,7 @@ def _start_engine(config, registry, topics, load, replica) -> tuple[PolicyEngine
     engine = PolicyEngine.from_pretrained(
         model_dir,
         version,
-        device=config.device,
+        device=config.torch_device(),
         max_batch_size=config.max_batch_size,
         max_queue=config.max_queue,
     )

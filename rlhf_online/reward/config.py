@@ -2,20 +2,15 @@
 
 from dataclasses import dataclass, field
 
+from rlhf_online.config import ServiceConfig, grpc_port_field, metrics_port_field
+
 
 @dataclass
-class RewardConfig:
+class RewardConfig(ServiceConfig):
     """Learn the reward model online from the joined feedback stream and publish reward checkpoints."""
 
-    # ---- shared settings
-    kafka_bootstrap: str = field(default="127.0.0.1:19092", metadata={"help": "Kafka bootstrap servers"})
-    topic_prefix: str = field(default="rlhf", metadata={"help": "prefix of the Kafka topic names"})
-    registry_dir: str = field(default=".rlhf/registry", metadata={"help": "model registry root folder"})
-    grpc_port: int = field(default=50053, metadata={"help": "gRPC health port (0 picks a free port)"})
-    metrics_port: int = field(
-        default=9103, metadata={"help": "Prometheus metrics port (0 picks a free port)"}
-    )
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    grpc_port: int = grpc_port_field(50053)
+    metrics_port: int = metrics_port_field(9103)
     # ---- Kafka
     group_id: str = field(
         default="", metadata={"help": "consumer group of the reward service (empty: TOPIC_PREFIX.reward)"}
@@ -29,8 +24,6 @@ class RewardConfig:
             "empty: the registry's LATEST policy, else the tiny preset"
         },
     )
-    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
-    torch_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     max_length: int = field(default=256, metadata={"help": "token cap of prompt+response (keeps the end)"})
     trainable_layers: int = field(
         default=2, metadata={"help": "top transformer layers to train (plus the head); -1 trains all"}

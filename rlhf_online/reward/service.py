@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
@@ -101,10 +100,9 @@ class RewardService:
 
     def start(self) -> None:
         """Restores the reward lineage, serves health, subscribes, and starts the loop thread."""
-        if self.config.torch_threads > 0:
-            torch.set_num_threads(self.config.torch_threads)
+        self.config.apply_torch_threads()
         self.learner = self._restore()
-        self._health = HealthServer(self.config.grpc_port)
+        self._health = HealthServer(self.config.grpc_port, host=self.config.grpc_host)
         self.grpc_port = self._health.port
         c = self.config
         self._producer = make_producer(c.kafka_bootstrap, client_id=f"{c.client_id}-producer")
@@ -511,7 +509,7 @@ class RewardService:
         candidates += [v for v in reversed(self.registry.versions(REWARD)) if latest and v < latest]
         for version in candidates:
             try:
-                restored = checkpoint.restore(self.registry, version, device=c.device)
+                restored = checkpoint.restore(self.registry, version, device=c.torch_device())
             except (CorruptVersion, RegistryError) as e:
                 log.error("reward %s cannot be loaded (%s); trying the version before it", version, e)
                 continue
@@ -551,7 +549,7 @@ class RewardService:
     def _new_model(self, base: str | Path) -> RewardModel:
         c = self.config
         return init_reward_model(
-            base, max_length=c.max_length, seed=c.seed, device=c.device, layers=c.backbone_layers
+            base, max_length=c.max_length, seed=c.seed, device=c.torch_device(), layers=c.backbone_layers
         )
 
 

@@ -6,6 +6,8 @@ Defaults are sized so that one round on the tiny model takes tens of seconds on 
 import math
 from dataclasses import dataclass, field
 
+from rlhf_online.config import ServiceConfig, grpc_port_field, metrics_port_field
+
 _AT_LEAST_ONE = (
     "rollouts_per_round", "generation_batch_size", "max_new_tokens", "max_prompt_tokens", "ppo_epochs",
     "minibatch_size", "eval_prompts", "eval_samples_per_prompt", "prompt_pool_size", "lora_r", "kl_horizon",
@@ -18,32 +20,16 @@ _NON_NEGATIVE = ("kl_coef", "vf_coef", "ent_coef", "round_interval_s", "min_new_
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(ServiceConfig):
     """PPO trainer: runs rounds when ratings arrive and publishes policy versions that pass the eval gate."""
 
     # ---- where things live -------------------------------------------------------------------------------
-    kafka_bootstrap: str = field(default="127.0.0.1:19092", metadata={"help": "Kafka bootstrap servers."})
-    topic_prefix: str = field(default="rlhf", metadata={"help": "Prefix of the Kafka topic names."})
-    registry_dir: str = field(
-        default=".rlhf/registry", metadata={"help": "Root folder of the model registry."}
-    )
     base_model_dir: str = field(
         default="",
         metadata={"help": "Model folder published as the first policy version when the registry has none."},
     )
-    grpc_port: int = field(default=50052, metadata={"help": "Port of the gRPC health service (0: any free)."})
-    metrics_port: int = field(
-        default=9102, metadata={"help": "Port of the Prometheus metrics (0: any free, -1: off)."}
-    )
-    log_level: str = field(default="INFO", metadata={"help": "Python log level."})
-    device: str = field(default="auto", metadata={"help": "torch device: auto (cuda if present), cpu, cuda."})
-    torch_threads: int = field(
-        default=1,
-        metadata={
-            "help": "torch CPU threads (0: torch's default). More threads than free cores slows torch down a "
-            "lot, so 1 is the default where inference and reward share the machine."
-        },
-    )
+    grpc_port: int = grpc_port_field(50052)
+    metrics_port: int = metrics_port_field(9102)
     seed: int = field(default=0, metadata={"help": "Base seed; round k uses seed + k."})
     # ---- when a round runs --------------------------------------------------------------------------------
     min_new_ratings: int = field(

@@ -72,9 +72,7 @@ class TrainerService:
         self.registry = Registry(config.registry_dir)
         self.topics = Topics(config.topic_prefix)
         self.reward_loader = reward_loader
-        self.device = (
-            config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = config.torch_device()
         self.trigger = RoundTrigger(
             config.min_new_ratings, config.round_interval_s, config.require_new_reward
         )
@@ -109,8 +107,7 @@ class TrainerService:
 
     def start(self) -> None:
         """Bootstraps the registry if asked, connects to Kafka, serves health, starts the loop thread."""
-        if self.config.torch_threads:
-            torch.set_num_threads(self.config.torch_threads)
+        self.config.apply_torch_threads()
         if self.config.base_model_dir:
             from rlhf_online.bootstrap import ensure_initial_policy
 
@@ -118,7 +115,7 @@ class TrainerService:
         self._resume_from_registry()
         if self.config.kafka_bootstrap:
             self._connect_kafka()
-        self._health = HealthServer(self.config.grpc_port, name="trainer-grpc")
+        self._health = HealthServer(self.config.grpc_port, host=self.config.grpc_host, name="trainer-grpc")
         self.grpc_port = self._health.port
         self._health.set_serving(True)
         self._thread = threading.Thread(target=self._loop, name="trainer-loop", daemon=True)

@@ -9,8 +9,6 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 
-import torch
-
 from rlhf_online.config import parse_config
 from rlhf_online.inference.config import InferenceConfig
 from rlhf_online.inference.server import serve
@@ -19,7 +17,6 @@ from rlhf_online.inference.server import serve
 def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
     config = parse_config(InferenceConfig, argv, env, prog="rlhf-online serve-inference")
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.torch_threads > 0:
-        torch.set_num_threads(config.torch_threads)
+    config.apply_torch_threads()
     asyncio.run(serve(config))
     return 0
