@@ -5,11 +5,11 @@ import logging
 import shutil
 from pathlib import Path
 
+from rlhf_online.contract import POLICY
 from rlhf_online.registry import Registry
 
 log = logging.getLogger(__name__)
 
-POLICY = "policy"
 _MODEL_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja")
 
 

@@ -17,16 +17,16 @@ import logging
 import os
 import re
 import shutil
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_online.contract import check_kind, now_ms
+
 log = logging.getLogger(__name__)
 
-KINDS = ("policy", "reward")
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 _VERSION_RE = re.compile(r"^v(\d{6})$")
@@ -132,7 +132,7 @@ class Registry:
                     kind=kind,
                     version=version,
                     parent_version=parent_version,
-                    created_at_ms=int(time.time() * 1000),
+                    created_at_ms=now_ms(),
                     files=files,
                     metrics={str(k): float(v) for k, v in (metrics or {}).items()},
                     extra=extra_json,
@@ -276,8 +276,7 @@ class Registry:
     # ---- internals -----------------------------------------------------------------------------------------
 
     def _kind_dir(self, kind: str) -> Path:
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        check_kind(kind)
         return self.root / kind
 
     def _last_number(self, kind_dir: Path) -> int:

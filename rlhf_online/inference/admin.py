@@ -3,12 +3,12 @@
 import asyncio
 import hmac
 import logging
-import time
 
 import grpc
 
+from rlhf_online.contract import POLICY, model_event, model_event_key
 from rlhf_online.inference.events import PublishError
-from rlhf_online.inference.follower import POLICY, ModelFollower
+from rlhf_online.inference.follower import ModelFollower
 from rlhf_online.proto.rlhf.v1 import admin_pb2, admin_pb2_grpc, events_pb2
 from rlhf_online.registry import Manifest, Registry, RegistryError, VersionNotFound
 
@@ -60,19 +60,14 @@ class ModelAdmin(admin_pb2_grpc.ModelAdminServicer):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot roll back to it: {e}")
             latest_before = self.registry.latest(POLICY)
             await asyncio.to_thread(self.registry.set_latest, POLICY, request.version)
-            event = events_pb2.ModelEvent(
-                kind=events_pb2.POLICY,
-                version=request.version,
-                parent_version=manifest.parent_version or "",
-                action=events_pb2.ROLLED_BACK,
-                path=f"{POLICY}/{request.version}",
-                timestamp_ms=int(time.time() * 1000),
+            event = model_event(
+                POLICY, events_pb2.ROLLED_BACK, request.version, parent_version=manifest.parent_version
             )
             try:
                 await asyncio.to_thread(
                     self.events.publish_acked,
                     self.models_topic,
-                    request.version.encode(),
+                    model_event_key(event),
                     event.SerializeToString(),
                     self.ack_timeout_s,
                 )

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import grpc
 
+from rlhf_online.contract import now_ms
 from rlhf_online.engine.chat_format import render_prompt
 from rlhf_online.engine.engine import (
     EngineStopped,
@@ -196,7 +197,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             params=chat_pb2.GenerationParams(
                 max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, seed=p.seed
             ),
-            timestamp_ms=_now_ms(),
+            timestamp_ms=now_ms(),
             user_id=request.user_id,
         )
         self.events.publish_background(
@@ -252,7 +253,7 @@ def _feedback_event(request: chat_pb2.FeedbackRequest, model_version: str) -> ev
         response_id=request.response_id,
         rating=request.rating,
         user_id=request.user_id,
-        timestamp_ms=_now_ms(),
+        timestamp_ms=now_ms(),
         model_version=model_version,
     )
     if request.HasField("comment"):
@@ -262,7 +263,3 @@ def _feedback_event(request: chat_pb2.FeedbackRequest, model_version: str) -> ev
 
 def _usage(done: Finished) -> chat_pb2.Usage:
     return chat_pb2.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -12,15 +12,14 @@ from collections.abc import Callable
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from rlhf_online.broker.clients import make_consumer
+from rlhf_online.broker.clients import make_consumer, wait_for_partitions
+from rlhf_online.contract import POLICY
 from rlhf_online.engine.engine import PolicyEngine
 from rlhf_online.inference import metrics
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
-
-POLICY = "policy"
 
 
 class ModelFollower:
@@ -107,16 +106,4 @@ class ModelFollower:
         self.apply(event)
 
     def _partitions(self, timeout_s: float) -> list[TopicPartition]:
-        ids = None
-        waited = 0.0
-        while not ids and waited < timeout_s:
-            ids = self._consumer.partitions_for_topic(self.topic)
-            if not ids:
-                self._stop.wait(0.2)
-                waited += 0.2
-        if not ids:
-            raise RuntimeError(
-                f"topic {self.topic} does not exist; create it with `rlhf-online kafka start` "
-                "or the Strimzi KafkaTopic resources"
-            )
-        return [TopicPartition(self.topic, p) for p in sorted(ids)]
+        return wait_for_partitions(self._consumer, self.topic, timeout_s=timeout_s, stop=self._stop)
