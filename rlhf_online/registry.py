@@ -1,4 +1,4 @@
-"""Model registry: versioned folders of model files with a checksummed manifest (DESIGN.md "Model registry").
+"""Model registry: versioned folders of model files with a checksummed manifest (docs/design.md).
 
 Layout: `{root}/{kind}/v000001/` holds the model files and `manifest.json`; `{root}/{kind}/LATEST` holds the
 name of the current version. A version is written into a temporary folder beside its target, every file is

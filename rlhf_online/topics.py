@@ -1,4 +1,4 @@
-"""Kafka topic names of the public contract (see DESIGN.md), derived from one prefix.
+"""Kafka topic names of the public contract (see docs/design.md), derived from one prefix.
 
 The prefix defaults to "rlhf", giving `rlhf.interactions`, `rlhf.feedback`, `rlhf.models`, `rlhf.rounds` and
 `rlhf.feedback.dlq`; tests use their own prefix so they never see each other's records.
