@@ -11,6 +11,10 @@ Built-in judges (`--judge NAME`, options as `--judge-args key=value,key=value`):
     length      likes answers of a target length
     keyword     likes answers that contain one of some keywords
 
+The preference suite (`rlhf_online/sim/preferences.py`) adds one judge of every kind, calibrated on the tiny
+preset and on a real chat model: contains, absent, starts, ends, keyword_words, upper_and_lowercase, and for
+real text concise, asks_back, no_lists, enthusiastic.
+
 Any Python callable works too: `--judge mypackage.mymodule:likes_cats`, where
 `def likes_cats(prompt: str, response: str) -> bool | float`.
 
@@ -133,6 +137,13 @@ BUILTIN: dict[str, Callable[..., Judge]] = {
 }
 
 
+def builtin_judges() -> dict[str, Callable[..., Judge]]:
+    """The judges `--judge NAME` accepts: the ones above and the preference suite's (sim/preferences.py)."""
+    from rlhf_online.sim.preferences import SUITE_JUDGES  # it builds on this module's judges
+
+    return {**BUILTIN, **SUITE_JUDGES}
+
+
 def parse_judge_args(text: str) -> dict[str, str]:
     """`"threshold=0.4,temperature=0.05"` -> {"threshold": "0.4", "temperature": "0.05"}."""
     args: dict[str, str] = {}
@@ -162,9 +173,10 @@ def load_judge(spec: str, args: str = "") -> Judge:
                 f"{module_name!r} has no callable {attr!r}; a judge is f(prompt, response) -> bool|float"
             )
         return judge
-    if spec not in BUILTIN:
-        raise ValueError(f"unknown judge {spec!r}; use one of {sorted(BUILTIN)} or module:function")
-    factory = BUILTIN[spec]
+    builtin = builtin_judges()
+    if spec not in builtin:
+        raise ValueError(f"unknown judge {spec!r}; use one of {sorted(builtin)} or module:function")
+    factory = builtin[spec]
     hints = factory.__annotations__
     kwargs = {}
     for key, raw in parse_judge_args(args).items():
