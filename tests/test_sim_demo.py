@@ -1,7 +1,10 @@
-"""Pieces of the demo that need no running services: flags, progress, display, child-process handling."""
+"""The demo's pieces: service flags and child processes (processes), the live progress (progress), following
+the models and rounds topics (follower, on the real broker), and a short real demo that shows and reports the
+trainer's RoundEvents."""
 
 import asyncio
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -10,10 +13,35 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from rlhf_online.config import parse_config
-from rlhf_online.sim import demo
+from rlhf_online.contract import (
+    POLICY,
+    REWARD,
+    RewardFigure,
+    RoundFigure,
+    model_event,
+    model_event_key,
+    round_event_key,
+)
+from rlhf_online.proto.rlhf.v1 import events_pb2
+from rlhf_online.sim import demo, processes, progress, runlog
 from rlhf_online.sim.config import DemoConfig
-from rlhf_online.sim.report import ModelChange
+from rlhf_online.sim.follower import EventFollower
+from rlhf_online.sim.processes import DemoError, Service, free_port
+from rlhf_online.sim.progress import Display, Progress
 from rlhf_online.sim.simulate import Outcome
+
+# ------------------------------------------------------------------------------------------- processes
+
+
+def _services(config: DemoConfig, tmp_path: Path, model_dir: Path) -> processes.Services:
+    return processes.service_commands(
+        config,
+        bootstrap="127.0.0.1:1",
+        prefix="demo-x",
+        registry=tmp_path / "r",
+        model_dir=model_dir,
+        run_dir=tmp_path,
+    )
 
 
 def test_service_flags_parse_with_the_services_configs(tmp_path):
@@ -21,40 +49,101 @@ def test_service_flags_parse_with_the_services_configs(tmp_path):
     from rlhf_online.reward.config import RewardConfig
     from rlhf_online.trainer.config import TrainerConfig
 
-    config = DemoConfig(trainer_args="--min-new-ratings 16", device="cpu")
-    services = demo.service_commands(
-        config,
-        bootstrap="127.0.0.1:1",
-        prefix="demo-x",
-        registry=tmp_path / "r",
-        model_dir=tmp_path / "m",
-        run_dir=tmp_path,
+    services = _services(
+        DemoConfig(trainer_args="--min-new-ratings 16", device="cpu"), tmp_path, tmp_path / "m"
     )
     classes = {"inference": InferenceConfig, "reward": RewardConfig, "trainer": TrainerConfig}
+    assert [s.name for s in services.all()] == ["inference", "reward", "trainer"]
     ports = set()
-    for service in services:
-        assert service.command[:3] == [sys.executable, "-m", "rlhf_online.cli"]
-        assert service.command[3] == f"serve-{service.name}"
+    for service in services.all():
+        assert service.command[:4] == [sys.executable, "-m", "rlhf_online.cli", f"serve-{service.name}"]
         parsed = parse_config(classes[service.name], service.command[4:], {})
         assert parsed.topic_prefix == "demo-x" and parsed.registry_dir == str(tmp_path / "r")
         assert parsed.grpc_port == service.grpc_port and parsed.metrics_port == service.metrics_port
         ports |= {service.grpc_port, service.metrics_port}
     assert len(ports) == 6
-    assert parse_config(TrainerConfig, services[2].command[4:], {}).min_new_ratings == 16
+    assert (
+        services.inference.health_service == processes.CHAT_SERVICE and services.trainer.health_service == ""
+    )
+    assert parse_config(TrainerConfig, services.trainer.command[4:], {}).min_new_ratings == 16
     # Not the tiny model: the reward service keeps its own defaults.
-    assert parse_config(RewardConfig, services[1].command[4:], {}).backbone_layers == -1
+    assert parse_config(RewardConfig, services.reward.command[4:], {}).backbone_layers == -1
 
 
 def test_the_tiny_model_gets_a_reward_model_sized_for_it(tiny_model_dir, tmp_path):
     from rlhf_online.reward.config import RewardConfig
 
-    config = DemoConfig(reward_args="--steps-per-update 2")
-    reward = demo.service_commands(
-        config, bootstrap="b:1", prefix="p", registry=tmp_path, model_dir=tiny_model_dir, run_dir=tmp_path
-    )[1]
+    reward = _services(DemoConfig(reward_args="--steps-per-update 2"), tmp_path, tiny_model_dir).reward
     parsed = parse_config(RewardConfig, reward.command[4:], {})
     assert (parsed.backbone_layers, parsed.max_length, parsed.trainable_layers) == (0, 40, -1)
     assert parsed.steps_per_update == 2  # the user's flags win
+
+
+def test_scrape_reads_prometheus_text():
+    registry = CollectorRegistry()
+    Counter("demo_test_rounds", "r", ["outcome"], registry=registry).labels("published").inc(2)
+    Gauge("demo_test_gauge", "g", registry=registry).set(1.5)
+    port = free_port()
+    server, thread = start_http_server(port, registry=registry)
+    try:
+        samples = processes.scrape(port)
+    finally:
+        server.shutdown()
+        thread.join()
+    assert samples['demo_test_rounds_total{outcome="published"}'] == 2.0
+    assert samples["demo_test_gauge"] == 1.5
+    assert processes.scrape(free_port(), timeout_s=0.5) == {}
+
+
+def _child(name: str, code: str, tmp_path: Path) -> Service:
+    return Service(name, [sys.executable, "-c", code], free_port(), free_port(), "", tmp_path / f"{name}.log")
+
+
+async def test_wait_serving_reports_a_service_that_exits(tmp_path):
+    service = _child("broken", "print('boom'); raise SystemExit(3)", tmp_path)
+    service.start({})
+    with pytest.raises(DemoError, match=r"(?s)broken exited with code 3.*boom"):
+        await asyncio.wait_for(processes.wait_serving(service, time.monotonic() + 60, asyncio.Event()), 60)
+
+
+async def test_wait_serving_times_out_and_stop_all_terminates(tmp_path):
+    service = _child("sleeper", "import time; time.sleep(60)", tmp_path)
+    service.start({})
+    with pytest.raises(DemoError, match="not SERVING in time"):
+        await processes.wait_serving(service, time.monotonic() + 1.0, asyncio.Event())
+    said = []
+    await processes.stop_all([service], timeout_s=60, hurry=asyncio.Event(), say=said.append)
+    assert service.exited() == -15 and said == ["stopping sleeper (SIGTERM)"]
+
+
+async def test_stop_all_kills_a_service_that_ignores_sigterm(tmp_path):
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+        "time.sleep(60)"
+    )
+    service = _child("stubborn", code, tmp_path)
+    service.start({})
+    deadline = time.monotonic() + 60
+    while "ready" not in service.log_tail() and time.monotonic() < deadline:  # SIGTERM only once ignored
+        await asyncio.sleep(0.05)
+    said = []
+    await processes.stop_all([service], timeout_s=0.5, hurry=asyncio.Event(), say=said.append)
+    assert service.exited() == -9 and said[-1] == "stubborn still running; SIGKILL"
+
+
+async def test_stop_all_skips_services_never_started(tmp_path):
+    # With --baseline-answers the trainer starts late; a Ctrl-C before then must not wait for it.
+    never = Service("trainer", ["true"], 1, 2, "", tmp_path / "t.log")
+    assert not never.running() and never.exited() is None
+    said = []
+    # a hang guard: waiting for a process that never started would take the whole 600 s
+    await asyncio.wait_for(
+        processes.stop_all([never], timeout_s=600, hurry=asyncio.Event(), say=said.append), 60
+    )
+    assert said == []  # nothing to stop, so nothing said
+
+
+# -------------------------------------------------------------------------------------------- progress
 
 
 def _outcome(i: int, version: str, up: bool) -> Outcome:
@@ -71,35 +160,58 @@ def _outcome(i: int, version: str, up: bool) -> Outcome:
     )
 
 
-def test_progress_counts_versions_rounds_and_renders():
-    progress = demo.Progress(duration_s=60, judge="lowercase")
+def _round(n: int, outcome: int, reason: str = "", **metrics: float) -> events_pb2.RoundEvent:
+    return events_pb2.RoundEvent(
+        round=n, name=f"round-{n:06d}", outcome=outcome, gate_reason=reason, metrics=metrics
+    )
+
+
+def _events():
+    """Two reward checkpoints, one policy version, and three rounds: passed, rejected, failed."""
+    models = [
+        model_event(REWARD, events_pb2.PUBLISHED, "v000001", metrics={RewardFigure.HELDOUT_ACCURACY: 0.6}),
+        model_event(
+            REWARD,
+            events_pb2.PUBLISHED,
+            "v000002",
+            metrics={RewardFigure.HELDOUT_ACCURACY: 0.8, RewardFigure.RATINGS_APPLIED: 120},
+        ),
+        model_event(POLICY, events_pb2.PUBLISHED, "v000002", parent_version="v000001"),
+    ]
+    figures = {RoundFigure.REWARD_MEAN: 0.25, RoundFigure.KL_PER_RESPONSE: 0.5}
+    rounds = [
+        _round(1, events_pb2.PASSED, "candidate better by 0.10", **figures),
+        _round(2, events_pb2.FAILED, "CUDA out of memory"),
+        _round(3, events_pb2.REJECTED, "no improvement: -0.02 < margin 0.00", **figures),
+    ]
+    return models, rounds
+
+
+def test_progress_shows_versions_rounds_and_the_last_gate_reason():
+    shown = Progress(duration_s=60, judge="lowercase")
     for i in range(10):
-        progress.on_outcome(_outcome(i, "v000001" if i < 6 else "v000002", up=i >= 6))
-    assert progress.summary.versions["v000001"].up_rate == 0.0
-    assert progress.summary.versions["v000002"].up_rate == 1.0
-    assert progress.serving == "v000002"
-    samples = {
-        'rlhf_trainer_rounds_total{outcome="rejected"}': 1.0,
-        "rlhf_trainer_reward_mean": 0.25,
-        "rlhf_trainer_kl_nats": 0.5,
-    }
-    assert [r.outcome for r in progress.update_trainer(samples)] == ["rejected"]
-    assert progress.update_trainer(samples) == []  # nothing new
-    samples['rlhf_trainer_rounds_total{outcome="published"}'] = 2.0
-    new = progress.update_trainer(samples)
-    assert [(r.index, r.outcome, r.reward_mean) for r in new] == [
-        (2, "published", 0.25),
-        (3, "published", 0.25),
-    ]
-    progress.models = [
-        ModelChange(
-            "reward", "published", "v000003", "", 0, {"heldout_accuracy": 0.8, "ratings_applied": 120}
-        )
-    ]
-    text = "\n".join(progress.lines())
+        shown.on_outcome(_outcome(i, "v000001" if i < 6 else "v000002", up=i >= 6))
+    assert shown.summary.versions["v000001"].up_rate == 0.0 and shown.serving == "v000002"
+    models, rounds = _events()
+    shown.on_events([runlog.model_change(m) for m in models], [runlog.round_record(r) for r in rounds])
+    shown.on_metrics({progress.INFERENCE_SWAPS: 3.0}, {})
+    text = "\n".join(shown.lines())
     assert "v000002" in text and "<- serving" in text and "100.0%" in text
-    assert "held-out accuracy 80.0% after 120 ratings" in text
-    assert "PPO rounds 3 (gate passed 2, rejected 1)" in text
+    assert "reward model: v000002, held-out accuracy 80.0% after 120 ratings (2 checkpoints)" in text
+    assert (
+        "PPO rounds 3 (gate passed 1, rejected 1, failed 1); last: round-000003 rejected, reward 0.250"
+        in text
+    )
+    assert "gate: no improvement: -0.02 < margin 0.00" in text
+    assert "policy versions published 1   swaps in serving 3" in text
+
+
+def test_progress_before_any_round_reads_the_trainers_waiting_gauge():
+    shown = Progress(duration_s=60, judge="lowercase")
+    assert "PPO: no round yet" in shown.lines() and "reward model: no checkpoint yet" in shown.lines()
+    shown.on_metrics({}, {progress.TRAINER_NEW_RATINGS: 12.0})
+    shown.on_metrics({}, {})  # a scrape that got nothing leaves the figure as it was
+    assert "PPO: no round yet (12 new ratings)" in shown.lines()
 
 
 def test_display_redraws_on_a_terminal_and_throttles_elsewhere():
@@ -108,65 +220,19 @@ def test_display_redraws_on_a_terminal_and_throttles_elsewhere():
             return True
 
     tty = Tty()
-    display = demo.Display(tty)
+    display = Display(tty)
     display.show(["a", "b"])
     display.show(["c", "d"])
     assert "\x1b[2F\x1b[J" in tty.getvalue() and tty.getvalue().endswith("c\nd\n")
     plain = io.StringIO()
-    display = demo.Display(plain, every_s=3600)
+    display = Display(plain, every_s=3600)
     display.show(["x"])
     display.show(["y"])  # throttled
     display.show(["z"], force=True)
     assert plain.getvalue() == "x\n\nz\n\n"
 
 
-def test_scrape_reads_prometheus_text():
-    registry = CollectorRegistry()
-    Counter("demo_test_rounds", "r", ["outcome"], registry=registry).labels("published").inc(2)
-    Gauge("demo_test_gauge", "g", registry=registry).set(1.5)
-    port = demo.free_port()
-    server, thread = start_http_server(port, registry=registry)
-    try:
-        samples = demo.scrape(port)
-    finally:
-        server.shutdown()
-        thread.join()
-    assert samples['demo_test_rounds_total{outcome="published"}'] == 2.0
-    assert samples["demo_test_gauge"] == 1.5
-    assert demo.scrape(demo.free_port(), timeout_s=0.5) == {}
-
-
-async def test_wait_serving_reports_a_service_that_exits(tmp_path):
-    service = demo.Service(
-        "broken",
-        [sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
-        demo.free_port(),
-        demo.free_port(),
-        "",
-        tmp_path / "broken.log",
-    )
-    service.start({})
-    with pytest.raises(demo.DemoError, match=r"(?s)broken exited with code 3.*boom"):
-        await asyncio.wait_for(demo.wait_serving(service, time.monotonic() + 60, asyncio.Event()), 60)
-
-
-async def test_wait_serving_times_out_and_service_stops(tmp_path):
-    service = demo.Service(
-        "sleeper",
-        [sys.executable, "-c", "import time; time.sleep(60)"],
-        demo.free_port(),
-        demo.free_port(),
-        "",
-        tmp_path / "sleeper.log",
-    )
-    service.start({})
-    try:
-        with pytest.raises(demo.DemoError, match="not SERVING in time"):
-            await demo.wait_serving(service, time.monotonic() + 1.0, asyncio.Event())
-    finally:
-        service.terminate()
-        service.proc.wait(timeout=30)
-    assert service.exited() == -15
+# ------------------------------------------------------------------------------------------------ the run
 
 
 def test_closing_lines():
@@ -199,16 +265,98 @@ def test_demo_config_validation():
         DemoConfig(duration_s=0)
     with pytest.raises(ValueError, match="baseline_answers and final_answers"):
         DemoConfig(final_answers=-1)
-    flags = ["--baseline-answers", "150", "--final-answers", "120"]
-    parsed = parse_config(DemoConfig, flags, {})
+    parsed = parse_config(DemoConfig, ["--baseline-answers", "150", "--final-answers", "120"], {})
     assert (parsed.baseline_answers, parsed.final_answers) == (150, 120)
 
 
-async def test_stopping_skips_services_never_started(tmp_path):
-    # With --baseline-answers the trainer starts late; a Ctrl-C before then must not wait for it.
-    never = demo.Service("trainer", ["true"], 1, 2, "", tmp_path / "t.log")
-    assert not never.running() and never.exited() is None
+# ------------------------------------------------------------------------------------- on the real broker
+
+
+@pytest.mark.kafka
+def test_follower_reads_model_and_round_events(kafka_bootstrap, topics):
+    from rlhf_online.broker.clients import make_producer
+
+    models, rounds = _events()
+    producer = make_producer(kafka_bootstrap, client_id="test-follower")
+    producer.send(topics.models, key=model_event_key(models[0]), value=models[0].SerializeToString())
+    follower = EventFollower(kafka_bootstrap, topics)
+    follower.start()  # from the beginning: the event sent before it started is read too
+    try:
+        for m in models[1:]:
+            producer.send(topics.models, key=model_event_key(m), value=m.SerializeToString())
+        producer.send(topics.rounds, key=round_event_key(), value=b"\xff\xffnot a proto")
+        for r in rounds:
+            producer.send(topics.rounds, key=round_event_key(), value=r.SerializeToString())
+        producer.flush()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and [len(x) for x in follower.snapshot()] != [3, 3]:
+            time.sleep(0.1)
+        seen_models, seen_rounds = follower.snapshot()
+    finally:
+        follower.stop()
+        producer.close()
+    assert [(m.kind, m.version) for m in seen_models] == [
+        (REWARD, "v000001"),
+        (REWARD, "v000002"),
+        (POLICY, "v000002"),
+    ]
+    assert [(r.name, r.outcome) for r in seen_rounds] == [
+        ("round-000001", runlog.PASSED),
+        ("round-000002", runlog.FAILED),
+        ("round-000003", runlog.REJECTED),
+    ]
+    assert not follower.is_alive()
+
+
+# The trainer made quick: a round every 16 new ratings on 16 rollouts, one PPO epoch, a small gate.
+QUICK_TRAINER = "--min-new-ratings 16 --rollouts-per-round 16 --ppo-epochs 1 --eval-prompts 4"
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+async def test_short_demo_shows_and_reports_the_trainers_rounds(
+    kafka_bootstrap, topics, tiny_model_dir, tmp_path
+):
+    """The whole demo, stopped (as by Ctrl-C) once the first RoundEvent showed in its progress block."""
+    config = DemoConfig(
+        duration_s=900,  # a cap only: the test interrupts at the first round
+        run_dir=str(tmp_path / "run"),
+        model_dir=str(tiny_model_dir),
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topics.prefix,
+        baseline_answers=0,
+        final_answers=0,
+        users=50,
+        concurrency=4,
+        trainer_args=QUICK_TRAINER,
+    )
     out = io.StringIO()
-    run = demo.Demo(DemoConfig(run_dir=str(tmp_path), shutdown_timeout_s=600), out=out)
-    await asyncio.wait_for(run._stop([never]), timeout=60)  # a hang guard: without the fix it waits 600 s
-    assert out.getvalue() == ""  # nothing to stop, so nothing said
+    run = demo.Demo(config, out=out)
+
+    async def interrupt_at_the_first_round() -> None:
+        while not run.progress.rounds:
+            await asyncio.sleep(0.5)
+        run.interrupt()
+
+    watcher = asyncio.create_task(interrupt_at_the_first_round())
+    try:
+        result = await run.run()
+    finally:
+        watcher.cancel()
+    log = out.getvalue()
+    assert run.progress.rounds, log
+    assert "PPO rounds " in log and "(gate passed " in log
+
+    # The report's rounds are the topic's RoundEvents, and the run folder keeps a copy.
+    from rlhf_online.broker.clients import read_topic
+
+    on_topic = runlog.parse_records(read_topic(kafka_bootstrap, topics.rounds), events_pb2.RoundEvent)
+    names = [r.name for r in on_topic]
+    assert names and [r.name for r in runlog.load_rounds(result.run_dir / "rounds.jsonl")] == names
+    assert result.verdict["rounds"] == len(names)
+    assert all(r.outcome in runlog.OUTCOMES for r in runlog.load_rounds(result.run_dir / "rounds.jsonl"))
+    assert names[0] in result.report_path.read_text()
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["rounds_published"] == sum(r.outcome == events_pb2.PASSED for r in on_topic)
+    assert all(s.exited() is not None for s in run.services.all())

@@ -89,7 +89,10 @@ class ReportConfig:
     )
     rounds_path: str = field(
         default="",
-        metadata={"help": "PPO rounds recorded by the demo (JSON lines), to include rejected rounds."},
+        metadata={
+            "help": "PPO rounds saved by the demo (<run folder>/rounds.jsonl), read instead of the "
+            "rounds topic (for topics past their retention); empty: the rounds topic."
+        },
     )
     min_ratings: int = field(
         default=50, metadata={"help": "Ratings a version needs to count in the verdict."}

@@ -1,0 +1,144 @@
+"""The report's HTML page: the verdict, the closing figures, per-version and per-round tables, the plots.
+
+Plain HTML with the PNGs beside it (no scripts, no network), so the folder can be mailed or archived as is.
+Every value that came from the topics is escaped.
+"""
+
+import html
+import time
+from collections.abc import Sequence
+
+from rlhf_online.sim.plots import PLOTS
+from rlhf_online.sim.runlog import Round
+from rlhf_online.sim.stats import Verdict, VersionRow
+
+MAX_ROUND_ROWS = 50  # the rounds table shows the last this many
+_COLOURS = {True: "#d4f4dd", False: "#fde2e1", None: "#eeeeee"}  # by Verdict.learning
+
+_STYLE = """
+body { font-family: sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }
+.verdict { padding: 1em; border-radius: 6px; font-size: 1.2em; }
+table { border-collapse: collapse; margin: 1em 0; }
+td, th { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+td.text { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; }
+"""
+
+esc = html.escape
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _version(brief: dict | None) -> str:
+    """A Verdict's first/last version in words."""
+    return f"{brief['version']}: {_pct(brief['up_rate'])} of {brief['ratings']} ratings" if brief else "-"
+
+
+def _row(cells: Sequence[str], tag: str = "td", text: str | None = None) -> str:
+    """A table row of `cells`; `text`, if given, is a last cell of words, aligned left."""
+    last = f'<td class="text">{text}</td>' if text is not None else ""
+    return "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + last + "</tr>"
+
+
+def figures_table(v: Verdict) -> str:
+    """The closing figures, one row each."""
+    figures = [
+        ("first version", _version(v.first)),
+        ("last version", _version(v.last)),
+        ("answers served / ratings", f"{v.served} / {v.ratings}"),
+        (
+            "PPO rounds (passed, rejected by the gate)",
+            f"{v.rounds} ({v.rounds_published}, {v.rounds_rejected})",
+        ),
+        ("swaps in serving", str(v.swaps)),
+        ("wall time", f"{v.wall_time_s / 60:.1f} min"),
+    ]
+    return "<table>" + "".join(_row([esc(k), esc(val)], "th") for k, val in figures) + "</table>"
+
+
+def versions_table(rows: Sequence[VersionRow]) -> str:
+    """Per policy version: served, rated, thumbs up, rate with its 95% interval, the hidden judge's mean."""
+    head = ["version", "served", "ratings", "thumbs up", "up rate", "95% interval", "hidden judge P(up)"]
+    body = []
+    for r in rows:
+        interval = f"{_pct(r.interval[0])} – {_pct(r.interval[1])}" if r.rated else "-"
+        cells = [esc(r.version), str(r.served), str(r.rated), str(r.up), _pct(r.up_rate), interval]
+        body.append(_row([*cells, _pct(r.judge_mean)]))
+    return "<table>" + _row(head, "th") + "".join(body) + "</table>"
+
+
+def rounds_table(rounds: Sequence[Round]) -> str:
+    """The last MAX_ROUND_ROWS PPO rounds: outcome, versions, figures and the gate's reason."""
+    if not rounds:
+        return "<p>No PPO round was reported on the rounds topic.</p>"
+    head = ["round", "outcome", "from", "published", "reward", "KL", "gate", "reason"]
+    body = []
+    for r in rounds[-MAX_ROUND_ROWS:]:
+        cells = [
+            esc(r.name or str(r.round)),
+            esc(r.outcome),
+            esc(r.start_version),
+            esc(r.published_version or "-"),
+        ]
+        cells += [_num(r.reward_mean), _num(r.kl, 2), esc(r.gate_code)]
+        body.append(_row(cells, text=esc(r.gate_reason)))
+    shown = (
+        f"<p>The last {MAX_ROUND_ROWS} of {len(rounds)} rounds.</p>" if len(rounds) > MAX_ROUND_ROWS else ""
+    )
+    return shown + "<table>" + _row(head, "th") + "".join(body) + "</table>"
+
+
+def images() -> str:
+    return "".join(
+        f'<h2>{esc(caption)}</h2><img src="{name}" alt="{esc(caption)}">' for name, caption, _ in PLOTS
+    )
+
+
+def how_to_read(min_ratings: int, notes: Sequence[str]) -> str:
+    """What each figure means, and the caller's notes."""
+    items = [
+        "The thumbs-up rate counts ratings accepted by SubmitFeedback (the feedback topic), by the "
+        "version that produced the rated answer. Versions count in the verdict "
+        f"once they have {min_ratings} ratings.",
+        "The hidden judge's P(up) is the simulated users' true preference before rater noise; the system "
+        "never sees it.",
+        "The reward model's accuracy is on held-out ratings it never trained on; compare it with the "
+        "majority baseline.",
+        "PPO rounds are the trainer's RoundEvents (the rounds topic): every round, whether the gate passed "
+        "it, rejected it, or it failed.",
+        *notes,
+    ]
+    return "<ul>" + "".join(f"<li>{esc(item)}</li>" for item in items) + "</ul>"
+
+
+def page(
+    title: str,
+    v: Verdict,
+    rows: Sequence[VersionRow],
+    rounds: Sequence[Round],
+    min_ratings: int,
+    notes: Sequence[str] = (),
+) -> str:
+    """The whole report.html."""
+    body = [
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="verdict" style="background: {_COLOURS[v.learning]}">{esc(v.headline)}</p>',
+        figures_table(v),
+        "<h2>Per version</h2>",
+        versions_table(rows),
+        "<h2>PPO rounds and the gate's decisions</h2>",
+        rounds_table(rounds),
+        images(),
+        "<h2>How to read this</h2>",
+        how_to_read(min_ratings, notes),
+        f"<p><small>Written {time.strftime('%Y-%m-%d %H:%M:%S')} by rlhf-online report.</small></p>",
+    ]
+    head = f'<head><meta charset="utf-8"><title>{esc(title)}</title><style>{_STYLE}</style></head>'
+    return f"<!doctype html>\n<html>{head}<body>\n" + "\n".join(body) + "\n</body></html>\n"
