@@ -1,9 +1,12 @@
-"""The stream join of ratings with interactions: both arrival orders, expiry, duplicates, bounds, offsets."""
+"""The stream join of ratings with interactions: both arrival orders, expiry, duplicates, bounds, and the
+records it reports holding and releasing (what the offset book counts)."""
+
+from collections import Counter
 
 import pytest
 
 from rlhf_online.proto.rlhf.v1 import chat_pb2, events_pb2
-from rlhf_online.reward.join import FEEDBACK, INTERACTIONS, JoinBuffer
+from rlhf_online.reward.join import FEEDBACK, INTERACTIONS, JoinBuffer, JoinOutput, Place
 from rlhf_online.reward.records import (
     BadRecord,
     Feedback,
@@ -23,11 +26,28 @@ def feedback(rid: str, user: str = "u1", ts: int = 2000, label: float = 1.0) -> 
     return Feedback(f"{rid}/{user}", rid, label, user, "policy-v1", ts)
 
 
+class Held:
+    """What a caller learns from the join's reports: the offsets still buffered, per side and partition."""
+
+    def __init__(self) -> None:
+        self.places: Counter[Place] = Counter()
+
+    def __call__(self, out: JoinOutput) -> JoinOutput:
+        self.places.update(out.held)
+        self.places.subtract(out.released)
+        assert all(n >= 0 for n in self.places.values()), "released a record it did not hold"
+        return out
+
+    def lowest(self, side: str, partition: int) -> int | None:
+        here = [p.offset for p, n in self.places.items() if n and (p.side, p.partition) == (side, partition)]
+        return min(here, default=None)
+
+
 def test_interaction_first_then_ratings_from_two_users():
-    join = JoinBuffer(TTL)
-    assert join.add_interaction(0, 10, interaction("r1")).examples == []
-    out1 = join.add_feedback(0, 20, feedback("r1", "u1", label=1.0))
-    out2 = join.add_feedback(0, 21, feedback("r1", "u2", label=0.0))
+    join, held = JoinBuffer(TTL), Held()
+    assert held(join.add_interaction(0, 10, interaction("r1"))).examples == []
+    out1 = held(join.add_feedback(0, 20, feedback("r1", "u1", label=1.0)))
+    out2 = held(join.add_feedback(0, 21, feedback("r1", "u2", label=0.0)))
     [ex1], [ex2] = out1.examples, out2.examples
     assert (ex1.event_id, ex1.prompt, ex1.response, ex1.label) == (
         "r1/u1",
@@ -38,20 +58,24 @@ def test_interaction_first_then_ratings_from_two_users():
     assert (ex2.event_id, ex2.label, ex2.model_version, ex2.timestamp_ms) == ("r1/u2", 0.0, "policy-v1", 2000)
     # The interaction stays for later ratings, holding its offset; the matched ratings hold nothing.
     assert join.n_interactions == 1 and join.n_waiting == 0
-    assert join.lowest_held_offset(INTERACTIONS, 0) == 10
-    assert join.lowest_held_offset(FEEDBACK, 0) is None
+    assert held.lowest(INTERACTIONS, 0) == 10
+    assert held.lowest(FEEDBACK, 0) is None
+    assert (out1.rating_offsets, out2.rating_offsets) == ([20], [21])
     assert join.counts["matched"] == 2
 
 
 def test_rating_first_waits_for_its_interaction():
-    join = JoinBuffer(TTL)
-    assert join.add_feedback(1, 5, feedback("r1", "u1")).examples == []
-    assert join.add_feedback(1, 6, feedback("r1", "u2")).examples == []
-    assert join.n_waiting == 2 and join.lowest_held_offset(FEEDBACK, 1) == 5
-    out = join.add_interaction(1, 3, interaction("r1"))
-    assert sorted(ex.event_id for ex in out.examples) == ["r1/u1", "r1/u2"]
-    assert join.n_waiting == 0 and join.lowest_held_offset(FEEDBACK, 1) is None
-    assert join.lowest_held_offset(INTERACTIONS, 1) == 3
+    join, held = JoinBuffer(TTL), Held()
+    assert held(join.add_feedback(1, 5, feedback("r1", "u1"))).examples == []
+    assert held(join.add_feedback(1, 6, feedback("r1", "u2"))).examples == []
+    assert join.n_waiting == 2 and held.lowest(FEEDBACK, 1) == 5
+    out = held(join.add_interaction(1, 3, interaction("r1")))
+    assert sorted(zip((ex.event_id for ex in out.examples), out.rating_offsets, strict=True)) == [
+        ("r1/u1", 5),
+        ("r1/u2", 6),
+    ]
+    assert join.n_waiting == 0 and held.lowest(FEEDBACK, 1) is None
+    assert held.lowest(INTERACTIONS, 1) == 3
 
 
 def test_unmatched_rating_expires_into_the_dead_letters_in_stream_time():
@@ -73,12 +97,12 @@ def test_unmatched_rating_expires_into_the_dead_letters_in_stream_time():
 
 
 def test_interaction_expires_once_ratings_move_past_its_ttl():
-    join = JoinBuffer(TTL)
-    join.add_interaction(0, 4, interaction("r1", ts=1000))
-    join.add_interaction(0, 5, interaction("r2", ts=50_000))
-    join.add_feedback(0, 9, feedback("r2", ts=1000 + TTL + 1))  # past r1's TTL, within r2's
+    join, held = JoinBuffer(TTL), Held()
+    held(join.add_interaction(0, 4, interaction("r1", ts=1000)))
+    held(join.add_interaction(0, 5, interaction("r2", ts=50_000)))
+    held(join.add_feedback(0, 9, feedback("r2", ts=1000 + TTL + 1)))  # past r1's TTL, within r2's
     assert join.n_interactions == 1 and join.counts["interaction_expired"] == 1
-    assert join.lowest_held_offset(INTERACTIONS, 0) == 5
+    assert held.lowest(INTERACTIONS, 0) == 5
     # A rating for the expired interaction now waits (and will expire as unmatched).
     assert join.add_feedback(0, 10, feedback("r1", "u9", ts=1000 + TTL + 2)).examples == []
     assert join.is_waiting("r1/u9")
@@ -95,27 +119,32 @@ def test_duplicates_are_counted_not_joined_twice():
 
 
 def test_bounded_buffer_evicts_the_oldest():
-    join = JoinBuffer(TTL, max_interactions=2, max_waiting=2)
+    join, held = JoinBuffer(TTL, max_interactions=2, max_waiting=2), Held()
     for i in range(3):
-        join.add_interaction(0, i, interaction(f"r{i}"))
+        held(join.add_interaction(0, i, interaction(f"r{i}")))
     assert join.n_interactions == 2 and join.counts["interaction_evicted"] == 1
-    assert join.lowest_held_offset(INTERACTIONS, 0) == 1
+    assert held.lowest(INTERACTIONS, 0) == 1
     dead = []
     for i in range(3):
-        dead += join.add_feedback(0, 10 + i, feedback(f"missing{i}")).dead
+        dead += held(join.add_feedback(0, 10 + i, feedback(f"missing{i}"))).dead
     assert join.n_waiting == 2 and [d.offset for d in dead] == [10]
+    assert held.lowest(FEEDBACK, 0) == 11
     assert dead[0].reason.startswith("evicted: join buffer full")
 
 
-def test_dropping_revoked_partitions_releases_their_offsets():
-    join = JoinBuffer(TTL)
-    join.add_interaction(0, 1, interaction("a"))
-    join.add_interaction(1, 1, interaction("b"))
-    join.add_feedback(1, 2, feedback("c"))
+def test_dropping_revoked_partitions_forgets_them_and_keeps_the_others():
+    join, held = JoinBuffer(TTL), Held()
+    held(join.add_interaction(0, 1, interaction("a")))
+    held(join.add_interaction(1, 1, interaction("b")))
+    held(join.add_feedback(1, 2, feedback("c")))
     assert join.drop_partitions({1}) == 2
     assert join.n_interactions == 1 and join.n_waiting == 0
-    assert join.lowest_held_offset(INTERACTIONS, 1) is None
-    assert join.lowest_held_offset(INTERACTIONS, 0) == 1
+    # A rating for the dropped interaction now waits, and the next report does not release what the drop
+    # removed (the offset book forgets revoked partitions itself); the kept interaction still matches.
+    out = join.add_feedback(1, 3, feedback("b"))
+    assert out.examples == [] and (out.held, out.released) == ([Place(FEEDBACK, 1, 3)], [])
+    out = join.add_feedback(0, 2, feedback("a"))
+    assert [ex.event_id for ex in out.examples] == ["a/u1"] and (out.held, out.released) == ([], [])
 
 
 def test_parse_records_and_refuse_bad_ones():

@@ -100,8 +100,11 @@ def test_checkpoint_round_trip_resumes_the_lineage(model, tmp_path):
         learner.add(ex)
     registry = Registry(tmp_path)
     offsets = {"t.feedback:0": 17}
+    with pytest.raises(RuntimeError, match="update"):  # examples wait: the caller applies them first
+        checkpoint.publish_checkpoint(registry, learner, parent_version=None, offsets=offsets)
+    assert registry.latest("reward") is None
+    learner.update()
     manifest = checkpoint.publish_checkpoint(registry, learner, parent_version=None, offsets=offsets)
-    assert not learner.pending  # waiting examples were applied before publishing
     assert manifest.extra["offsets"] == offsets and manifest.extra["applied_events"] == 30
 
     restored = checkpoint.restore(registry, manifest.version)

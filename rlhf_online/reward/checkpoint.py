@@ -8,24 +8,29 @@ A `reward/vNNNNNN/` folder holds, besides the model files and `reward_config.jso
 - `replay.jsonl` and `heldout.jsonl`: the replay reservoir and the held-out window;
 - `optimizer.pt`: the AdamW state of the trainable parameters; `learner_state.json`: counters and rng state.
 The manifest's `extra` records the Kafka offsets the checkpoint includes ("topic:partition" -> next offset).
+
+`restore_or_init(registry, config)` is where the reward service starts: the newest reward version that
+verifies, or a new reward model from the base model when there is none.
 """
 
 import json
 import logging
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf_online.registry import Manifest, Registry
-from rlhf_online.reward.learner import LearnerState, OnlineLearner
-from rlhf_online.reward.model import RewardModel, load_reward_model
+from rlhf_online.contract import POLICY, REWARD
+from rlhf_online.registry import Manifest, Registry, RegistryError
+from rlhf_online.reward.config import RewardConfig
+from rlhf_online.reward.learner import LearnerSettings, LearnerState, OnlineLearner
+from rlhf_online.reward.model import RewardModel, init_reward_model, load_reward_model
 from rlhf_online.reward.records import LabelledExample
 
 log = logging.getLogger(__name__)
 
-KIND = "reward"
 APPLIED = "applied_events.jsonl"
 REPLAY = "replay.jsonl"
 HELDOUT = "heldout.jsonl"
@@ -47,13 +52,66 @@ class Restored:
         return dict(self.manifest.extra.get("offsets", {}))
 
 
-def offset_key(topic: str, partition: int) -> str:
-    return f"{topic}:{partition}"
+@dataclass
+class Lineage:
+    """Where the reward service starts: its learner, the version it resumes (None: a new lineage) and the
+    offsets that version includes ("topic:partition" -> next offset)."""
+
+    learner: OnlineLearner
+    version: str | None
+    offsets: dict[str, int]
 
 
-def parse_offset_key(key: str) -> tuple[str, int]:
-    topic, _, partition = key.rpartition(":")
-    return topic, int(partition)
+def restore_or_init(registry: Registry, config: RewardConfig) -> Lineage:
+    """The newest reward version that verifies (a broken one is logged and the one before it tried), else a
+    new reward model from the base model: `config.base_model_dir`, else the registry's oldest policy (the
+    lineage's base), else the tiny preset."""
+    settings = LearnerSettings(**{f.name: getattr(config, f.name) for f in fields(LearnerSettings)})
+    latest = registry.latest(REWARD)
+    for version in (v for v in reversed(registry.versions(REWARD)) if latest and v <= latest):
+        try:
+            restored = restore(registry, version, device=config.torch_device())
+        except RegistryError as e:  # CorruptVersion included
+            log.error("reward %s cannot be loaded (%s); trying the version before it", version, e)
+            continue
+        restored.model.max_length = config.max_length
+        learner = OnlineLearner(restored.model, settings, restored.state)
+        load_optimizer_state(learner, restored.optimizer_state)
+        log.info(
+            "resumed reward %s: %d ratings applied, %d updates, offsets %s",
+            version,
+            len(learner.applied),
+            learner.updates,
+            restored.offsets,
+        )
+        return Lineage(learner, version, restored.offsets)
+    return Lineage(OnlineLearner(_new_model(registry, config), settings), None, {})
+
+
+def _new_model(registry: Registry, config: RewardConfig) -> RewardModel:
+    """A reward model initialised from the base model (see `restore_or_init`)."""
+    if config.base_model_dir:
+        return _init(config.base_model_dir, config)
+    for version in registry.versions(POLICY):  # the oldest policy: the lineage's base model
+        try:
+            return _init(registry.verify(POLICY, version), config)
+        except RegistryError as e:
+            log.warning("policy %s cannot be used as the reward base (%s)", version, e)
+    from rlhf_online.engine.tiny_model import write_tiny_model
+
+    log.info("no --base-model-dir and no policy in the registry: starting from the tiny preset")
+    with tempfile.TemporaryDirectory(prefix="rlhf-reward-base-") as tmp:
+        return _init(write_tiny_model(Path(tmp), seed=config.seed), config)
+
+
+def _init(base: str | Path, config: RewardConfig) -> RewardModel:
+    return init_reward_model(
+        base,
+        max_length=config.max_length,
+        seed=config.seed,
+        device=config.torch_device(),
+        layers=config.backbone_layers,
+    )
 
 
 def publish_checkpoint(
@@ -65,9 +123,12 @@ def publish_checkpoint(
     metrics: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Publishes the learner (model + state) as the next reward version, applying waiting examples first."""
-    while learner.pending:  # a checkpoint includes every example admitted so far
-        learner.update()
+    """Publishes the learner (model + state) as the next reward version.
+
+    Raises:
+        RuntimeError: if examples wait for an update (apply them first: a checkpoint includes every example
+            admitted so far, and the caller's metrics must describe the model it publishes).
+    """
     state = learner.state()
 
     def write(tmp: Path) -> None:
@@ -97,13 +158,13 @@ def publish_checkpoint(
         "applied_heldout": len(state.applied) - n_train,
         **(extra or {}),
     }
-    return registry.publish(KIND, write, parent_version=parent_version, metrics=metrics or {}, extra=info)
+    return registry.publish(REWARD, write, parent_version=parent_version, metrics=metrics or {}, extra=info)
 
 
 def restore(registry: Registry, version: str, device: str = "cpu") -> Restored:
     """Verifies a reward version and reads the model and learner state from it."""
-    folder = registry.verify(KIND, version)
-    manifest = registry.manifest(KIND, version)
+    folder = registry.verify(REWARD, version)
+    manifest = registry.manifest(REWARD, version)
     model = load_reward_model(folder, device=device)
     state = read_state(folder)
     optimizer_state = (

@@ -21,7 +21,7 @@ class RewardConfig(ServiceConfig):
         default="",
         metadata={
             "help": "model to initialise the reward model from when the registry has no reward version; "
-            "empty: the registry's LATEST policy, else the tiny preset"
+            "empty: the registry's oldest policy (the lineage's base), else the tiny preset"
         },
     )
     max_length: int = field(default=256, metadata={"help": "token cap of prompt+response (keeps the end)"})

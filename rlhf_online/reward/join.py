@@ -14,14 +14,16 @@ so a late record is not expired before it had a chance to match. Watermarks per 
 reads one topic ahead of the other (typical on catch-up) from expiring anything early.
 
 The buffer is bounded: past `max_interactions` / `max_waiting` the oldest entry is evicted (counted; an
-evicted rating is dead-lettered). It also tells which offsets it still holds: a Kafka offset may only be
-committed below the lowest offset still in the buffer, or a crash would lose what the buffer held.
+evicted rating is dead-lettered). Each call reports which records it started to hold and which it let go of
+(`JoinOutput.held`, `.released`): a Kafka offset may only be committed below the lowest offset still in the
+buffer, or a crash would lose what the buffer held; `rlhf_online.reward.offsets.OffsetBook` keeps that count.
 """
 
 import heapq
 import itertools
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from rlhf_online.reward.records import Feedback, Interaction, LabelledExample, join
 
@@ -41,16 +43,30 @@ class DeadLetter:
     reason: str
 
 
+class Place(NamedTuple):
+    """Where a buffered record is in Kafka."""
+
+    side: str  # INTERACTIONS or FEEDBACK
+    partition: int
+    offset: int
+
+
 @dataclass
 class JoinOutput:
-    """What one call produced: joined examples and dead letters."""
+    """What one call produced: joined examples, dead letters, and the records it began or stopped holding."""
 
     examples: list[LabelledExample] = field(default_factory=list)
+    rating_offsets: list[int] = field(default_factory=list)  # of each example's rating, same order
     dead: list[DeadLetter] = field(default_factory=list)
+    held: list[Place] = field(default_factory=list)  # buffered by this call
+    released: list[Place] = field(default_factory=list)  # matched, expired or evicted by this call
 
     def extend(self, other: "JoinOutput") -> None:
         self.examples += other.examples
+        self.rating_offsets += other.rating_offsets
         self.dead += other.dead
+        self.held += other.held
+        self.released += other.released
 
 
 @dataclass
@@ -86,8 +102,8 @@ class JoinBuffer:
         # Expiry heaps of (expires_at_ms, seq, id, offset); stale entries are skipped when popped.
         self._interaction_expiry: dict[int, list] = {}
         self._waiting_expiry: dict[int, list] = {}
-        # Offsets held per (side, partition), in arrival order (= offset order within a partition).
-        self._held: dict[tuple[str, int], OrderedDict[int, None]] = {}
+        # Records held and released since the current call began (reported in its JoinOutput).
+        self._moves = JoinOutput()
         self._seq = itertools.count()
         self.counts: Counter[str] = Counter()  # matched, duplicate_*, *_expired, *_evicted
 
@@ -100,11 +116,6 @@ class JoinBuffer:
     @property
     def n_waiting(self) -> int:
         return len(self._waiting)
-
-    def lowest_held_offset(self, side: str, partition: int) -> int | None:
-        """The lowest offset of `side`/`partition` still buffered, or None if nothing is held there."""
-        held = self._held.get((side, partition))
-        return next(iter(held)) if held else None
 
     def is_waiting(self, event_id: str) -> bool:
         return event_id in self._waiting
@@ -127,12 +138,13 @@ class JoinBuffer:
             for event_id in sorted(self._waiting_by_response.pop(rid, ())):
                 waiting = self._remove_waiting(event_id)
                 out.examples.append(join(interaction, waiting.feedback))
+                out.rating_offsets.append(waiting.offset)
                 self.counts["matched"] += 1
             while len(self._interactions) > self.max_interactions:
                 self._remove_interaction(next(iter(self._interactions)))
                 self.counts["interaction_evicted"] += 1
         out.extend(self._advance(INTERACTIONS, partition, interaction.timestamp_ms))
-        return out
+        return self._report(out)
 
     def add_feedback(
         self,
@@ -150,6 +162,7 @@ class JoinBuffer:
         held = self._interactions.get(feedback.response_id)
         if held is not None:
             out.examples.append(join(held.interaction, feedback))
+            out.rating_offsets.append(offset)
             self.counts["matched"] += 1
         elif feedback.event_id in self._waiting:
             self.counts["duplicate_feedback"] += 1
@@ -172,11 +185,11 @@ class JoinBuffer:
                 )
                 out.dead.append(_dead_letter(evicted, reason))
         out.extend(self._advance(FEEDBACK, partition, feedback.timestamp_ms))
-        return out
+        return self._report(out)
 
     def drop_partitions(self, partitions: set[int]) -> int:
-        """Forgets everything of revoked partitions (their uncommitted records will be replayed); returns how
-        many entries were dropped."""
+        """Forgets everything of revoked partitions (their uncommitted records will be replayed; the offset
+        book forgets their offsets itself); returns how many entries were dropped."""
         rids = [rid for rid, h in self._interactions.items() if h.partition in partitions]
         eids = [eid for eid, w in self._waiting.items() if w.partition in partitions]
         for rid in rids:
@@ -186,9 +199,9 @@ class JoinBuffer:
         for p in partitions:
             for side in (INTERACTIONS, FEEDBACK):
                 self._watermarks.pop((side, p), None)
-                self._held.pop((side, p), None)
             self._interaction_expiry.pop(p, None)
             self._waiting_expiry.pop(p, None)
+        self._moves = JoinOutput()
         return len(rids) + len(eids)
 
     # ---- internals -----------------------------------------------------------------------------------------
@@ -228,13 +241,17 @@ class JoinBuffer:
                     out.dead.append(_dead_letter(waiting, reason))
         return out
 
+    def _report(self, out: JoinOutput) -> JoinOutput:
+        """`out` with the records held and released during this call."""
+        out.held, out.released = self._moves.held, self._moves.released
+        self._moves = JoinOutput()
+        return out
+
     def _hold(self, side: str, partition: int, offset: int) -> None:
-        self._held.setdefault((side, partition), OrderedDict())[offset] = None
+        self._moves.held.append(Place(side, partition, offset))
 
     def _release(self, side: str, partition: int, offset: int) -> None:
-        held = self._held.get((side, partition))
-        if held is not None:
-            held.pop(offset, None)
+        self._moves.released.append(Place(side, partition, offset))
 
     def _remove_interaction(self, rid: str) -> _HeldInteraction:
         held = self._interactions.pop(rid)
