@@ -105,7 +105,7 @@ def verdict(config: CanaryConfig, lower, upper, n_canary, n_stable):
         np.asarray(n_stable) >= config.min_ratings_per_arm
     )
     code = np.where(
-        ready & (upper < 0.0), INFERIOR, np.where(ready & (lower > -config.margin), NON_INFERIOR, 0)
+        ready & (upper < 0.0), INFERIOR, np.where(ready & (lower > -config.margin), NON_INFERIOR, CONTINUE)
     )
     return np.where(
         (code == CONTINUE) & (np.asarray(n_canary) >= config.max_canary_ratings), TIMED_OUT_RATINGS, code
@@ -122,7 +122,7 @@ class TrialFigures:
     stable_ups: int
     canary_rate: float  # 0 while the arm has no ratings
     stable_rate: float
-    difference: float  # canary_rate - stable_rate
+    difference: float  # canary_rate - stable_rate (the bounds centre on stats.difference's estimate)
     lower: float  # (1 - alpha) confidence sequence on p_canary - p_stable, within [-1, 1]
     upper: float
     p_value_margin: float  # always-valid p against p_canary - p_stable = -margin (1 until both arms ready)
