@@ -1,14 +1,18 @@
 """PPO rounds on the tiny model with an in-test reward (share of vowels in the answer): a round raises the
-held-out reward with bounded KL, publishes a plain checkpoint, the gate rejects NaN or regressed policies."""
+held-out reward with bounded KL, publishes a plain checkpoint, its RoundEvent carries the contract's figures,
+the gate rejects NaN or regressed policies."""
 
 import json
+import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhf_online.contract import RoundFigure, now_ms
 from rlhf_online.engine.chat_format import render_prompt
+from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Registry
 from rlhf_online.trainer import round as round_module
 from rlhf_online.trainer.config import TrainerConfig
@@ -23,13 +27,14 @@ from rlhf_online.trainer.policy import (
     load_value_head,
     non_finite_parameters,
 )
+from rlhf_online.trainer.publish import RoundRecord, publish_policy, round_event
 from rlhf_online.trainer.rollout import (
     encode_prompts,
     response_logprobs,
     response_mask_from_ids,
     sample_responses,
 )
-from rlhf_online.trainer.round import publish_policy, run_round
+from rlhf_online.trainer.round import run_round
 from rlhf_online.trainer.triggers import split_prompts
 
 TOPICS = [
@@ -125,6 +130,36 @@ def test_round_raises_heldout_reward_with_bounded_kl(trained):
         assert torch.isfinite(torch.tensor(stats[key])), key
     assert 0.0 < stats["ppo_clip_frac"] < 1.0
     assert stats["generate_s"] > 0 and stats["train_s"] > 0 and stats["rollouts"] == config.rollouts_per_round
+
+
+def test_round_figures_use_the_contract_names_and_fill_the_round_event(trained):
+    config, result = trained
+    figures = result.metrics()
+    for name in (
+        RoundFigure.REWARD_MEAN, RoundFigure.REWARD_STD, RoundFigure.KL_PER_RESPONSE, RoundFigure.KL_COEF,
+        RoundFigure.KL_COEF_NEXT, RoundFigure.GATE_CANDIDATE_SCORE, RoundFigure.GATE_SERVING_SCORE,
+        RoundFigure.GATE_IMPROVEMENT, RoundFigure.GATE_KL_TO_REFERENCE, RoundFigure.ROUND_S,
+    ):  # fmt: skip
+        assert name in figures and math.isfinite(figures[name]), name
+    assert figures[RoundFigure.KL_COEF] == config.kl_coef  # the fixed controller keeps beta
+    assert figures[RoundFigure.GATE_IMPROVEMENT] == pytest.approx(
+        result.candidate_eval.mean_score - result.serving_eval.mean_score
+    )
+    record = RoundRecord(7, "v000003", "v000002", ratings_applied=120, new_ratings=40)
+    record.reference_version, record.published_version = "v000001", "v000004"
+    before = now_ms()
+    event = round_event(record, events_pb2.PASSED, result=result)
+    assert (event.round, event.name, event.outcome) == (7, "round-000007", events_pb2.PASSED)
+    assert (event.start_version, event.published_version) == ("v000003", "v000004")
+    assert (event.reward_version, event.reference_version) == ("v000002", "v000001")
+    assert (event.gate_code, event.gate_reason) == ("passed", result.decision.reason)
+    assert event.ratings_applied == 120 and event.metrics["new_ratings"] == 40
+    assert event.metrics[RoundFigure.REWARD_MEAN] == pytest.approx(figures[RoundFigure.REWARD_MEAN])
+    assert event.metrics[RoundFigure.ROUND_S] == pytest.approx(result.stats[RoundFigure.ROUND_S])
+    assert event.timestamp_ms >= before
+    failed = round_event(RoundRecord(8, "v000004", "v000002", 120, 0), events_pb2.FAILED, reason="OSError: x")
+    assert (failed.gate_code, failed.gate_reason, failed.published_version) == ("error", "OSError: x", "")
+    assert failed.metrics[RoundFigure.ROUND_S] >= 0 and RoundFigure.REWARD_MEAN not in failed.metrics
 
 
 def test_only_the_top_layers_changed(trained, tiny_model_dir):

@@ -1,5 +1,8 @@
-"""The trainer service without Kafka: triggers and prompt split (pure), health over a real channel, a stop
-in the middle of a round that publishes nothing, and `rlhf-online serve-trainer` exiting 0 on SIGTERM."""
+"""The trainer service without Kafka: triggers and prompt split (pure), resuming the ratings count from the
+registry, health over a real channel, a stop or a rollback in the middle of a round that publishes nothing
+but an ABANDONED RoundEvent, failed rounds' RoundEvents (and a RoundEvent the broker refuses, which the loop
+survives), and `rlhf-online serve-trainer` exiting 0 on SIGTERM. Events go to an in-memory producer here;
+tests/test_trainer_kafka.py covers the real broker."""
 
 import os
 import signal
@@ -13,11 +16,16 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from rlhf_online.bootstrap import copy_model_files, ensure_initial_policy
 from rlhf_online.config import parse_config
+from rlhf_online.contract import RewardFigure, round_event_key
+from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Registry
+from rlhf_online.topics import Topics
 from rlhf_online.trainer.config import TrainerConfig
+from rlhf_online.trainer.publish import Publisher
 from rlhf_online.trainer.service import create_service, read_prompt_file
 from rlhf_online.trainer.triggers import RoundTrigger, split_prompts
 
@@ -30,6 +38,33 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(0.05)
+
+
+class _Sent:
+    def get(self, timeout=None):
+        return None
+
+
+class MemoryProducer:
+    """Stands in for a KafkaProducer: keeps what was sent; the first `failures` sends raise instead."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        self.failures = failures
+
+    def send(self, topic, key, value):
+        if self.failures:
+            self.failures -= 1
+            raise OSError("the broker went away")
+        self.sent.append((topic, key, value))
+        return _Sent()
+
+    def round_events(self, topics: Topics) -> list[events_pb2.RoundEvent]:
+        assert all(key == round_event_key() for topic, key, _ in self.sent if topic == topics.rounds)
+        return [events_pb2.RoundEvent.FromString(v) for topic, _, v in self.sent if topic == topics.rounds]
+
+
+TEST_TOPICS = Topics("test")
 
 
 def test_trigger_needs_ratings_or_interval_and_a_newer_reward():
@@ -116,7 +151,8 @@ def test_health_serves_and_a_stop_during_a_round_publishes_nothing(registry_with
 
         return reward_fn
 
-    service = create_service(config, reward_loader=reward_loader)
+    producer = MemoryProducer()
+    service = create_service(config, reward_loader=reward_loader, publisher=Publisher(producer, TEST_TOPICS))
     service.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
@@ -132,6 +168,13 @@ def test_health_serves_and_a_stop_during_a_round_publishes_nothing(registry_with
     assert service.versions_published == 0 and service.rounds_run == 0 and service.rounds_failed == 0
     leftovers = [p.name for p in (registry.root / "policy").iterdir() if p.name.startswith(".tmp")]
     assert leftovers == []
+    assert service.rounds_abandoned == 1
+    assert [topic for topic, _, _ in producer.sent] == [TEST_TOPICS.rounds]  # no ModelEvent
+    (event,) = producer.round_events(TEST_TOPICS)
+    assert (event.round, event.name, event.outcome) == (1, "round-000001", events_pb2.ABANDONED)
+    assert (event.start_version, event.published_version, event.reward_version) == ("v000001", "", "v000001")
+    assert event.reference_version == "v000001" and event.gate_code == "abandoned"
+    assert "stopped before rollouts" in event.gate_reason
 
 
 def vowel_reward(prompts, responses):
@@ -161,7 +204,8 @@ def test_a_rollback_during_a_round_drops_the_candidate(registry_with_models, tin
 
         return reward_fn
 
-    service = create_service(config, reward_loader=reward_loader)
+    producer = MemoryProducer()
+    service = create_service(config, reward_loader=reward_loader, publisher=Publisher(producer, TEST_TOPICS))
     service.start()
     try:
         wait_for(lambda: len(loads) >= 2, 120, "the round after the dropped one")
@@ -171,6 +215,68 @@ def test_a_rollback_during_a_round_drops_the_candidate(registry_with_models, tin
     assert registry.versions("policy") == ["v000001", "v000002"]
     assert registry.latest("policy") == "v000001"
     assert service.versions_published == 0
+    dropped, stopped = producer.round_events(TEST_TOPICS)
+    assert (dropped.round, dropped.outcome, dropped.start_version) == (1, events_pb2.ABANDONED, "v000002")
+    assert dropped.gate_reason == "serving moved from v000002 to v000001 during the round"
+    assert (stopped.round, stopped.outcome, stopped.start_version) == (2, events_pb2.ABANDONED, "v000001")
+
+
+@pytest.mark.parametrize("in_manifest", [True, False], ids=["policy-manifest", "reward-manifest"])
+def test_new_ratings_resume_from_what_the_reward_checkpoints_applied(tiny_model_dir, tmp_path, in_manifest):
+    # The serving version was trained with reward v000001 (20 ratings applied); v000002 has applied 50.
+    # Its manifest says 20 itself (the trainer writes that), or the reward manifest does (older versions).
+    registry = Registry(tmp_path / "registry")
+    ensure_initial_policy(registry, tiny_model_dir)
+    for applied in (20, 50):
+        registry.publish("reward", lambda tmp: (tmp / "w.txt").write_text("r"),
+                         metrics={RewardFigure.RATINGS_APPLIED: applied})  # fmt: skip
+    extra = {"reward_version": "v000001", **({"ratings_applied": 20} if in_manifest else {})}
+    registry.publish("policy", lambda tmp: copy_model_files(tiny_model_dir, tmp), parent_version="v000001",
+                     extra=extra)  # fmt: skip
+    config = TrainerConfig(
+        kafka_bootstrap="", registry_dir=str(registry.root), grpc_port=0, min_new_ratings=31,
+        round_interval_s=0,
+    )  # fmt: skip
+    service = create_service(config)
+    service.start()
+    try:
+        assert (service.reward_version, service.new_ratings) == ("v000002", 30)  # one short of a round
+    finally:
+        service.stop()
+    assert service.rounds_run + service.rounds_failed + service.rounds_abandoned == 0
+
+
+def round_event_failures() -> float:
+    return REGISTRY.get_sample_value("rlhf_trainer_round_event_failures_total") or 0.0
+
+
+def test_failed_rounds_are_events_and_a_refused_event_does_not_stop_the_loop(registry_with_models):
+    registry, prompt_file = registry_with_models
+    config = TrainerConfig(
+        kafka_bootstrap="", registry_dir=str(registry.root), prompt_file=str(prompt_file), grpc_port=0,
+        min_new_ratings=0, round_interval_s=0.01, poll_interval_s=0.05,
+    )  # fmt: skip
+
+    def reward_loader(path, device):
+        raise OSError(f"cannot read the reward model in {path.name}")
+
+    producer = MemoryProducer(failures=1)  # the first RoundEvent is refused
+    failures_before = round_event_failures()
+    service = create_service(config, reward_loader=reward_loader, publisher=Publisher(producer, TEST_TOPICS))
+    service.start()
+    try:
+        wait_for(lambda: len(producer.round_events(TEST_TOPICS)) >= 2, 120, "two RoundEvents")
+    finally:
+        service.stop()
+    assert round_event_failures() == failures_before + 1
+    assert service.rounds_failed >= 3 and service.rounds_run == 0
+    second, third = producer.round_events(TEST_TOPICS)[:2]
+    assert (second.round, third.round) == (2, 3)
+    assert (second.outcome, second.gate_code) == (events_pb2.FAILED, "error")
+    assert second.gate_reason == "OSError: cannot read the reward model in v000001"
+    assert (second.start_version, second.reward_version, second.reference_version) == ("v000001",) * 3
+    assert second.published_version == "" and second.metrics["round_s"] >= 0
+    assert registry.versions("policy") == ["v000001"]
 
 
 def test_serve_trainer_exits_0_on_sigterm(tiny_model_dir, tmp_path):

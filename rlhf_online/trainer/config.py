@@ -34,7 +34,10 @@ class TrainerConfig(ServiceConfig):
     # ---- when a round runs --------------------------------------------------------------------------------
     min_new_ratings: int = field(
         default=32,
-        metadata={"help": "Run a round once this many ratings arrived since the last one (0: off)."},
+        metadata={
+            "help": "Run a round once the reward checkpoints have applied this many ratings since the reward "
+            "version the last round used (their ratings_applied figure; 0: off)."
+        },
     )
     round_interval_s: float = field(
         default=600.0, metadata={"help": "Also run a round every this many seconds (0: off)."}
@@ -52,7 +55,11 @@ class TrainerConfig(ServiceConfig):
         },
     )
     consumer_group: str = field(
-        default="rlhf-trainer", metadata={"help": "Consumer group whose committed offsets count ratings."}
+        default="rlhf-trainer",
+        metadata={
+            "help": "Consumer group id of the trainer's consumer (it commits no offsets: it reads the most "
+            "recent interactions and the model events from its start on)."
+        },
     )
     prompt_pool_size: int = field(
         default=512, metadata={"help": "Most recent interactions kept as the pool of training prompts."}

@@ -11,12 +11,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from rlhf_online.contract import RoundFigure
 from rlhf_online.trainer.ppo import kl_estimate, masked_sum
 from rlhf_online.trainer.rollout import response_logprobs, sample_rollouts
 
@@ -51,8 +52,16 @@ class GateDecision:
     max_kl: float
 
     def figures(self) -> dict[str, float]:
-        """The numeric fields, for manifests, ModelEvents and logs."""
-        return {f"gate_{k}": float(v) for k, v in asdict(self).items() if isinstance(v, float | int | bool)}
+        """The numeric fields, for manifests, ModelEvents, RoundEvents and logs (`RoundFigure` names)."""
+        return {
+            "gate_passed": float(self.passed),
+            RoundFigure.GATE_CANDIDATE_SCORE: self.candidate_score,
+            RoundFigure.GATE_SERVING_SCORE: self.serving_score,
+            RoundFigure.GATE_IMPROVEMENT: self.improvement,
+            RoundFigure.GATE_KL_TO_REFERENCE: self.kl_to_reference,
+            "gate_margin": float(self.margin),
+            "gate_max_kl": float(self.max_kl),
+        }
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from rlhf_online.contract import RoundFigure
+
 ROUNDS = Counter("rlhf_trainer_rounds_total", "PPO rounds, by outcome.", ["outcome"])
 # outcome: published | rejected | failed | abandoned
 GATE_DECISIONS = Counter("rlhf_trainer_gate_decisions_total", "Eval gate verdicts, by result code.", ["code"])
@@ -20,7 +22,16 @@ CLIP_FRACTION = Gauge("rlhf_trainer_clip_fraction", "Share of tokens clipped in 
 ENTROPY = Gauge("rlhf_trainer_entropy_nats", "Mean per-token policy entropy in the last round.")
 GATE_SCORE = Gauge("rlhf_trainer_gate_score", "Held-out mean reward at the last gate, by policy.", ["policy"])
 GATE_KL = Gauge("rlhf_trainer_gate_kl_nats", "Held-out KL(candidate || reference) at the last gate.")
-NEW_RATINGS = Gauge("rlhf_trainer_new_ratings", "Ratings seen since the last round.")
+NEW_RATINGS = Gauge(
+    "rlhf_trainer_new_ratings",
+    "Ratings applied by the newest reward checkpoint since the reward version the last round used.",
+)
+REWARD_RATINGS_APPLIED = Gauge(
+    "rlhf_trainer_reward_ratings_applied", "ratings_applied of the newest reward checkpoint announced."
+)
+ROUND_EVENT_FAILURES = Counter(
+    "rlhf_trainer_round_event_failures_total", "RoundEvents that could not be published to rlhf.rounds."
+)
 PROMPT_POOL = Gauge("rlhf_trainer_prompt_pool", "Prompts available to train and evaluate on.")
 PUBLISHED_VERSION = Gauge(
     "rlhf_trainer_published_version", "Number of the last policy version published (v000007 -> 7)."
@@ -29,9 +40,9 @@ PUBLISHED_VERSION = Gauge(
 
 def record_round(stats: dict[str, float], gate: dict[str, float]) -> None:
     """Sets the per-round gauges from a round's stats and gate figures."""
-    REWARD_MEAN.set(stats["reward_mean"])
-    KL.set(stats["kl_per_response"])
-    KL_COEF.set(stats["kl_coef_next"])
+    REWARD_MEAN.set(stats[RoundFigure.REWARD_MEAN])
+    KL.set(stats[RoundFigure.KL_PER_RESPONSE])
+    KL_COEF.set(stats[RoundFigure.KL_COEF_NEXT])
     ROLLOUTS_PER_SECOND.set(stats["rollouts_per_s"])
     ENTROPY.set(stats["ppo_entropy"])
     LOSS.labels("pg").set(stats["ppo_pg_loss"])
@@ -49,6 +60,6 @@ def record_round(stats: dict[str, float], gate: dict[str, float]) -> None:
         "eval_generate",
     ):
         PHASE_SECONDS.labels(phase).set(stats[f"{phase}_s"])
-    GATE_SCORE.labels("candidate").set(gate["gate_candidate_score"])
-    GATE_SCORE.labels("serving").set(gate["gate_serving_score"])
-    GATE_KL.set(gate["gate_kl_to_reference"])
+    GATE_SCORE.labels("candidate").set(gate[RoundFigure.GATE_CANDIDATE_SCORE])
+    GATE_SCORE.labels("serving").set(gate[RoundFigure.GATE_SERVING_SCORE])
+    GATE_KL.set(gate[RoundFigure.GATE_KL_TO_REFERENCE])

@@ -1,43 +1,44 @@
-"""One PPO round end to end, without Kafka: rollouts -> scores -> PPO updates -> eval gate.
+"""One PPO round end to end, without Kafka or the registry: rollouts -> scores -> PPO updates -> eval gate.
 
     policy = build_policy(folder, train_mode="top_layers", trainable_layers=2)
     result = run_round(policy, reference, tokenizer, reward_fn, train_prompts, eval_prompts, config, kl_ctl,
                        seed=0)
     if result.decision.passed:
-        publish_policy(registry, result, ...)
+        publish_policy(registry, result, ...)      # rlhf_online.trainer.publish
 
-Steps (Ouyang et al. 2022, sec. 3.5; TRL PPOTrainer.train):
-1. evaluate the starting (serving) policy on the held-out prompts;
-2. sample responses to training prompts from the policy;
-3. score them with the reward model; log-probs of policy and reference, values;
-4. per-token rewards (-beta KL, score at the last token), GAE advantages and returns, whitening;
-5. `ppo_epochs` passes of clipped PPO updates over shuffled minibatches, gradient clipping;
-6. merge (LoRA) and evaluate the candidate with the same prompts and seeds; the gate decides.
+Steps (Ouyang et al. 2022, sec. 3.5; TRL PPOTrainer.train), one function each:
+1. `evaluate_serving`: the starting (serving) policy on the held-out prompts;
+2. `collect_experience`: sample responses to training prompts from the policy, score them with the reward
+   model, then `make_experience`: log-probs of policy and reference, values, per-token rewards (-beta KL,
+   the score at the last token), GAE advantages and returns, whitening;
+3. `train`: `ppo_epochs` passes of clipped PPO updates over shuffled minibatches, gradient clipping;
+4. `gate`: merge (LoRA), check the weights, evaluate the candidate with the same prompts and seeds; decide.
 """
 
+import contextlib
 import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_online.registry import Manifest, Registry
+from rlhf_online.contract import RoundFigure
 from rlhf_online.trainer.config import TrainerConfig
 from rlhf_online.trainer.gate import EvalResult, GateDecision, RewardFn, decide, evaluate_policy
 from rlhf_online.trainer.kl import KLController
 from rlhf_online.trainer.policy import (
-    VALUE_HEAD_FILE,
     PolicyWithValueHead,
     export_model,
     non_finite_parameters,
     value_head_bytes,
 )
 from rlhf_online.trainer.ppo import (
+    LossTerms,
     compute_rewards,
     gae_advantages,
     masked_mean,
@@ -48,6 +49,8 @@ from rlhf_online.trainer.ppo import (
 from rlhf_online.trainer.rollout import Rollouts, policy_outputs, response_logprobs, sample_rollouts
 
 log = logging.getLogger(__name__)
+
+_LOGGED_TERMS = ("loss", "pg_loss", "v_loss", "entropy", "clip_frac", "v_clip_frac", "approx_kl")
 
 
 class RoundAbandoned(Exception):
@@ -68,6 +71,10 @@ class Experience:
     advantages: torch.Tensor  # GAE, whitened if configured
     returns: torch.Tensor  # value targets
 
+    def kl_per_response(self) -> float:
+        """Mean over rollouts of sum_t KL_t, nats: what the KL controller steers."""
+        return masked_sum(self.kl, self.rollouts.response_mask, dim=1).mean().item()
+
 
 @dataclass
 class RoundResult:
@@ -81,8 +88,124 @@ class RoundResult:
     stats: dict[str, float] = field(default_factory=dict)  # losses, KL, reward, clip fractions, timings
 
     def metrics(self) -> dict[str, float]:
-        """Gate figures plus round stats, the numbers recorded in the manifest and the ModelEvent."""
+        """Gate figures plus round stats: the numbers in the manifest, the ModelEvent and the RoundEvent."""
         return {**self.decision.figures(), **self.stats}
+
+
+class Timer:
+    """Wall times of a round's stages, in seconds, by figure name ("generate_s", ...)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.s: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, key: str) -> Iterator[None]:
+        """Times the block into `self.s[key]` (only when it finishes without raising)."""
+        t0 = time.perf_counter()
+        yield
+        self.s[key] = time.perf_counter() - t0
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@dataclass
+class RoundSetup:
+    """What stays the same through one round's stages."""
+
+    policy: PolicyWithValueHead  # trained in place
+    reference: nn.Module  # frozen KL anchor
+    tokenizer: PreTrainedTokenizerBase
+    reward_fn: RewardFn
+    eval_prompts: list[str]  # held out: the gate's prompts, never trained on
+    config: TrainerConfig
+    name: str  # for the logs
+    should_stop: Callable[[], bool]
+    timer: Timer = field(default_factory=Timer)
+
+    def check_stop(self, before: str) -> None:
+        """Raises RoundAbandoned when the service is stopping."""
+        if self.should_stop():
+            raise RoundAbandoned(f"{self.name}: stopped before {before}")
+
+    def evaluate(self, lm: nn.Module) -> EvalResult:
+        """`lm` on the held-out prompts with the gate's fixed sampling seed (the same for both versions)."""
+        c = self.config
+        return evaluate_policy(
+            lm, self.reference, self.tokenizer, self.reward_fn, self.eval_prompts,
+            samples_per_prompt=c.eval_samples_per_prompt, max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature, max_prompt_tokens=c.max_prompt_tokens,
+            batch_size=c.generation_batch_size, seed=c.eval_seed,
+        )  # fmt: skip
+
+
+def run_round(
+    policy: PolicyWithValueHead,
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    reward_fn: RewardFn,
+    train_prompts: list[str],
+    eval_prompts: list[str],
+    config: TrainerConfig,
+    kl_ctl: KLController,
+    *,
+    seed: int,
+    should_stop: Callable[[], bool] = lambda: False,
+    name: str = "round",
+) -> RoundResult:
+    """Runs one round on `policy` (trained in place) and returns the merged candidate and the gate's verdict.
+
+    Raises:
+        RoundAbandoned: `should_stop()` turned true; the caller must not publish anything.
+        ValueError: no prompts, or the reward model returned non-finite scores.
+    """
+    if not eval_prompts:
+        raise ValueError("no held-out prompts for the eval gate")
+    setup = RoundSetup(policy, reference, tokenizer, reward_fn, eval_prompts, config, name, should_stop)
+    serving_eval = evaluate_serving(setup)  # 1.
+    setup.check_stop("rollouts")
+    exp = collect_experience(setup, train_prompts, kl_ctl.value, seed)  # 2.
+    setup.check_stop("PPO updates")
+    ppo_stats = train(setup, exp, seed)  # 3.
+    kl_coef_used = kl_ctl.value
+    kl_ctl.update(exp.kl_per_response(), len(exp.rollouts))
+    setup.check_stop("the eval gate")
+    model, head, candidate_eval, decision = gate(setup, serving_eval)  # 4.
+    stats = round_stats(
+        setup.timer, exp, ppo_stats, (kl_coef_used, kl_ctl.value), serving_eval, candidate_eval
+    )
+    _log_verdict(name, decision, stats)
+    return RoundResult(model, head, decision, serving_eval, candidate_eval, stats)
+
+
+def evaluate_serving(setup: RoundSetup) -> EvalResult:
+    """Step 1: the version serving now, scored on the held-out prompts before any update."""
+    with setup.timer.stage("eval_serving_s"):
+        serving_eval = setup.evaluate(setup.policy.lm)
+    log.info(
+        "%s: serving policy scores %.4f on %d held-out answers (%.1fs)",
+        setup.name, serving_eval.mean_score, serving_eval.n, setup.timer.s["eval_serving_s"],
+    )  # fmt: skip
+    return serving_eval
+
+
+def collect_experience(setup: RoundSetup, train_prompts: list[str], kl_coef: float, seed: int) -> Experience:
+    """Step 2: sample rollouts, score them, then old log-probs, values, rewards and advantages."""
+    prompts = pick_prompts(train_prompts, setup.config.rollouts_per_round, random.Random(seed))
+    with setup.timer.stage("generate_s"):
+        rollouts = sample(setup, prompts, seed)
+    _log_rollouts(setup.name, rollouts, setup.timer.s["generate_s"])
+    setup.check_stop("scoring")
+    with setup.timer.stage("score_s"):
+        scores = score(setup, rollouts)
+    with setup.timer.stage("experience_s"):
+        exp = make_experience(setup.policy, setup.reference, rollouts, scores, setup.config, kl_coef)
+    log.info(
+        "%s: reward mean %.4f (std %.4f), KL to reference %.3f nats/response, beta %.4f",
+        setup.name, scores.mean().item(), scores.std().item(), exp.kl_per_response(), kl_coef,
+    )  # fmt: skip
+    return exp
 
 
 def pick_prompts(pool: list[str], n: int, rng: random.Random) -> list[str]:
@@ -90,6 +213,39 @@ def pick_prompts(pool: list[str], n: int, rng: random.Random) -> list[str]:
     if not pool:
         raise ValueError("no training prompts; wait for interactions or pass --prompt-file")
     return rng.sample(pool, n) if len(pool) >= n else rng.choices(pool, k=n)
+
+
+def sample(setup: RoundSetup, prompts: list[str], seed: int) -> Rollouts:
+    """One sampled response per prompt from the policy being trained."""
+    c = setup.config
+    return sample_rollouts(
+        setup.policy.lm, setup.tokenizer, prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+        max_prompt_tokens=c.max_prompt_tokens, batch_size=c.generation_batch_size, seed=seed,
+    )  # fmt: skip
+
+
+def _log_rollouts(name: str, rollouts: Rollouts, generate_s: float) -> None:
+    log.info(
+        "%s: sampled %d rollouts in %.1fs (%.1f rollouts/s, mean %.1f tokens)",
+        name, len(rollouts), generate_s, len(rollouts) / generate_s,
+        rollouts.response_mask.sum(dim=1).mean().item(),
+    )  # fmt: skip
+
+
+def score(setup: RoundSetup, rollouts: Rollouts) -> torch.Tensor:
+    """(B,) reward-model scores on the rollouts' device.
+
+    Raises:
+        ValueError: the reward model returned the wrong number of scores or non-finite ones.
+    """
+    device = rollouts.response_ids.device
+    scores = setup.reward_fn(rollouts.prompts, rollouts.responses).detach().float().reshape(-1).to(device)
+    if scores.shape[0] != len(rollouts) or not torch.isfinite(scores).all():
+        raise ValueError(
+            f"{setup.name}: the reward model returned {scores.shape[0]} scores with non-finite values "
+            f"for {len(rollouts)} responses; check the reward checkpoint"
+        )
+    return scores  # (B,)
 
 
 @torch.no_grad()
@@ -119,6 +275,16 @@ def make_experience(
     return Experience(rollouts, scores, logprobs_t, ref_logprobs, values_t, rewards, kl, advantages, returns)
 
 
+def train(setup: RoundSetup, exp: Experience, seed: int) -> dict[str, float]:
+    """Step 3: clipped PPO epochs with a fresh AdamW over the trainable parameters; the mean figures."""
+    c = setup.config
+    with setup.timer.stage("train_s"):
+        trainable = [p for p in setup.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=c.learning_rate, eps=1e-5, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        return ppo_update(setup.policy, optimizer, exp, c, generator, setup.should_stop, setup.name)
+
+
 def ppo_update(
     policy: PolicyWithValueHead,
     optimizer: torch.optim.Optimizer,
@@ -132,236 +298,112 @@ def ppo_update(
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
     logged: dict[str, list[float]] = defaultdict(list)
-    B = len(exp.rollouts)
     for epoch in range(config.ppo_epochs):
-        order = torch.randperm(B, generator=generator)
-        for start in range(0, B, config.minibatch_size):
+        order = torch.randperm(len(exp.rollouts), generator=generator)  # (B,)
+        for idx in order.split(config.minibatch_size):
             if should_stop():
                 raise RoundAbandoned(f"{name}: stopped during PPO epoch {epoch + 1}")
-            idx = order[start : start + config.minibatch_size]
-            mb = exp.rollouts.select(idx)
-            logprobs, values, entropy = policy_outputs(policy, mb, config.temperature)  # (b, T) each
-            terms = ppo_loss(
-                logprobs,
-                values,
-                entropy,
-                old_logprobs=exp.logprobs[idx],
-                old_values=exp.values[idx],
-                advantages=exp.advantages[idx],
-                returns=exp.returns[idx],
-                mask=mb.response_mask,
-                clip_range=config.clip_range,
-                clip_range_value=config.clip_range_value,
-                vf_coef=config.vf_coef,
-                ent_coef=config.ent_coef,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            for key in ("loss", "pg_loss", "v_loss", "entropy", "clip_frac", "v_clip_frac", "approx_kl"):
+            terms, grad_norm = ppo_step(policy, optimizer, params, exp, idx, config)
+            for key in _LOGGED_TERMS:
                 logged[key].append(getattr(terms, key).item())
-            logged["grad_norm"].append(grad_norm.item())
-        log.info(
-            "%s: PPO epoch %d/%d pg_loss %.4f v_loss %.4f clip_frac %.3f approx_kl %.4f",
-            name,
-            epoch + 1,
-            config.ppo_epochs,
-            _last_mean(logged["pg_loss"], B, config),
-            _last_mean(logged["v_loss"], B, config),
-            _last_mean(logged["clip_frac"], B, config),
-            _last_mean(logged["approx_kl"], B, config),
-        )
+            logged["grad_norm"].append(grad_norm)
+        _log_epoch(name, epoch, config, logged, minibatches=len(order.split(config.minibatch_size)))
     policy.eval()
     return {key: sum(v) / len(v) for key, v in logged.items()}
 
 
-def _last_mean(values: list[float], B: int, config: TrainerConfig) -> float:
-    """Mean over the minibatches of the last epoch."""
-    per_epoch = -(-B // config.minibatch_size)
-    tail = values[-per_epoch:]
-    return sum(tail) / len(tail)
-
-
-def run_round(
+def ppo_step(
     policy: PolicyWithValueHead,
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    reward_fn: RewardFn,
-    train_prompts: list[str],
-    eval_prompts: list[str],
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    exp: Experience,
+    idx: torch.Tensor,
     config: TrainerConfig,
-    kl_ctl: KLController,
-    *,
-    seed: int,
-    should_stop: Callable[[], bool] = lambda: False,
-    name: str = "round",
-) -> RoundResult:
-    """Runs one round on `policy` (trained in place) and returns the merged candidate and the gate's verdict.
+) -> tuple[LossTerms, float]:
+    """One clipped PPO gradient step on the rollouts `idx` (b,) of `exp`; the loss terms and grad norm."""
+    mb = exp.rollouts.select(idx)
+    logprobs, values, entropy = policy_outputs(policy, mb, config.temperature)  # (b, T) each
+    terms = ppo_loss(
+        logprobs, values, entropy,
+        old_logprobs=exp.logprobs[idx], old_values=exp.values[idx], advantages=exp.advantages[idx],
+        returns=exp.returns[idx], mask=mb.response_mask, clip_range=config.clip_range,
+        clip_range_value=config.clip_range_value, vf_coef=config.vf_coef, ent_coef=config.ent_coef,
+    )  # fmt: skip
+    optimizer.zero_grad(set_to_none=True)
+    terms.loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    return terms, grad_norm.item()
 
-    Raises:
-        RoundAbandoned: `should_stop()` turned true; the caller must not publish anything.
-        ValueError: no prompts, or the reward model returned non-finite scores.
-    """
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
 
-    def check_stop(stage: str) -> None:
-        if should_stop():
-            raise RoundAbandoned(f"{name}: stopped before {stage}")
+def _log_epoch(
+    name: str, epoch: int, config: TrainerConfig, logged: dict[str, list[float]], minibatches: int
+) -> None:
+    """One line per epoch: the means over its `minibatches` steps."""
 
-    eval_kwargs = dict(
-        samples_per_prompt=config.eval_samples_per_prompt,
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        max_prompt_tokens=config.max_prompt_tokens,
-        batch_size=config.generation_batch_size,
-        seed=config.eval_seed,
-    )
-    if not eval_prompts:
-        raise ValueError("no held-out prompts for the eval gate")
-    # 1. the serving version, on the held-out prompts
-    t0 = time.perf_counter()
-    serving_eval = evaluate_policy(policy.lm, reference, tokenizer, reward_fn, eval_prompts, **eval_kwargs)
-    timings["eval_serving_s"] = time.perf_counter() - t0
+    def last(key: str) -> float:
+        tail = logged[key][-minibatches:]
+        return sum(tail) / len(tail)
+
     log.info(
-        "%s: serving policy scores %.4f on %d held-out answers (%.1fs)",
-        name,
-        serving_eval.mean_score,
-        serving_eval.n,
-        timings["eval_serving_s"],
-    )
-    check_stop("rollouts")
+        "%s: PPO epoch %d/%d pg_loss %.4f v_loss %.4f clip_frac %.3f approx_kl %.4f",
+        name, epoch + 1, config.ppo_epochs, last("pg_loss"), last("v_loss"), last("clip_frac"),
+        last("approx_kl"),
+    )  # fmt: skip
 
-    # 2. rollouts
-    prompts = pick_prompts(train_prompts, config.rollouts_per_round, random.Random(seed))
-    t0 = time.perf_counter()
-    rollouts = sample_rollouts(
-        policy.lm,
-        tokenizer,
-        prompts,
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        max_prompt_tokens=config.max_prompt_tokens,
-        batch_size=config.generation_batch_size,
-        seed=seed,
-    )
-    timings["generate_s"] = time.perf_counter() - t0
-    log.info(
-        "%s: sampled %d rollouts in %.1fs (%.1f rollouts/s, mean %.1f tokens)",
-        name,
-        len(rollouts),
-        timings["generate_s"],
-        len(rollouts) / timings["generate_s"],
-        rollouts.response_mask.sum(dim=1).mean().item(),
-    )
-    check_stop("scoring")
 
-    # 3. scores, log-probs, values; 4. rewards and advantages
-    t0 = time.perf_counter()
-    device = rollouts.response_ids.device
-    scores = reward_fn(rollouts.prompts, rollouts.responses).detach().float().reshape(-1).to(device)  # (B,)
-    if scores.shape[0] != len(rollouts) or not torch.isfinite(scores).all():
-        raise ValueError(
-            f"{name}: the reward model returned {scores.shape[0]} scores with non-finite values "
-            f"for {len(rollouts)} responses; check the reward checkpoint"
-        )
-    timings["score_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exp = make_experience(policy, reference, rollouts, scores, config, kl_ctl.value)
-    timings["experience_s"] = time.perf_counter() - t0
-    mask = rollouts.response_mask
-    kl_per_response = masked_sum(exp.kl, mask, dim=1).mean().item()
-    log.info(
-        "%s: reward mean %.4f (std %.4f), KL to reference %.3f nats/response, beta %.4f",
-        name,
-        scores.mean().item(),
-        scores.std().item(),
-        kl_per_response,
-        kl_ctl.value,
-    )
-    check_stop("PPO updates")
-
-    # 5. PPO
-    t0 = time.perf_counter()
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, eps=1e-5, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    ppo_stats = ppo_update(policy, optimizer, exp, config, generator, should_stop, name)
-    timings["train_s"] = time.perf_counter() - t0
-    kl_coef_used = kl_ctl.value
-    kl_ctl.update(kl_per_response, len(rollouts))
-    check_stop("the eval gate")
-
-    # 6. merge, check, evaluate, decide
-    t0 = time.perf_counter()
-    head = value_head_bytes(policy)
-    model = export_model(policy)
-    bad = non_finite_parameters(model)
-    candidate_eval = None
-    if not bad:
-        candidate_eval = evaluate_policy(model, reference, tokenizer, reward_fn, eval_prompts, **eval_kwargs)
-    timings["eval_candidate_s"] = time.perf_counter() - t0
+def gate(
+    setup: RoundSetup, serving_eval: EvalResult
+) -> tuple[PreTrainedModel, bytes, EvalResult | None, GateDecision]:
+    """Step 4: merge the candidate, check its weights, evaluate it like the serving one, and decide."""
+    c = setup.config
+    with setup.timer.stage("eval_candidate_s"):
+        head = value_head_bytes(setup.policy)
+        model = export_model(setup.policy)
+        bad = non_finite_parameters(model)
+        candidate_eval = None if bad else setup.evaluate(model)
     decision = decide(
-        candidate_eval, serving_eval, non_finite=bad, margin=config.gate_margin, max_kl=config.gate_max_kl
+        candidate_eval, serving_eval, non_finite=bad, margin=c.gate_margin, max_kl=c.gate_max_kl
     )
-    timings["round_s"] = time.perf_counter() - t_start
+    return model, head, candidate_eval, decision
+
+
+def round_stats(
+    timer: Timer,
+    exp: Experience,
+    ppo_stats: dict[str, float],
+    kl_coefs: tuple[float, float],
+    serving_eval: EvalResult,
+    candidate_eval: EvalResult | None,
+) -> dict[str, float]:
+    """The round's figures: reward, KL, PPO means (`ppo_*`), stage timings (`*_s`) and time shares."""
+    timings = {**timer.s, RoundFigure.ROUND_S: timer.total()}
     timings["eval_generate_s"] = serving_eval.generate_s + (
         candidate_eval.generate_s if candidate_eval else 0.0
     )
     sampling_s = timings["generate_s"] + timings["eval_generate_s"]
     training_s = timings["experience_s"] + timings["train_s"]
-    stats = {
-        "reward_mean": scores.mean().item(),
-        "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-        "kl_per_response": kl_per_response,
-        "kl_coef": kl_coef_used,
-        "kl_coef_next": kl_ctl.value,
+    scores, mask, n = exp.scores, exp.rollouts.response_mask, len(exp.rollouts)
+    return {
+        RoundFigure.REWARD_MEAN: scores.mean().item(),
+        RoundFigure.REWARD_STD: scores.std().item() if len(scores) > 1 else 0.0,
+        RoundFigure.KL_PER_RESPONSE: exp.kl_per_response(),
+        RoundFigure.KL_COEF: kl_coefs[0],
+        RoundFigure.KL_COEF_NEXT: kl_coefs[1],
         "response_tokens_mean": mask.sum(dim=1).mean().item(),
         "advantage_mean_raw": masked_mean(exp.returns - exp.values, mask).item(),
-        "rollouts": float(len(rollouts)),
-        "rollouts_per_s": len(rollouts) / timings["generate_s"],
-        "share_generating": sampling_s / timings["round_s"],
-        "share_training": training_s / timings["round_s"],
+        "rollouts": float(n),
+        "rollouts_per_s": n / timings["generate_s"],
+        "share_generating": sampling_s / timings[RoundFigure.ROUND_S],
+        "share_training": training_s / timings[RoundFigure.ROUND_S],
         **{f"ppo_{k}": v for k, v in ppo_stats.items()},
         **timings,
     }
+
+
+def _log_verdict(name: str, decision: GateDecision, stats: dict[str, float]) -> None:
     log.info(
         "%s: gate %s: %s (round %.1fs: %.0f%% sampling, %.0f%% training, the rest scoring and eval)",
-        name,
-        "PASSED" if decision.passed else "REJECTED",
-        decision.reason,
-        timings["round_s"],
-        100 * stats["share_generating"],
-        100 * stats["share_training"],
-    )
-    return RoundResult(model, head, decision, serving_eval, candidate_eval, stats)
-
-
-def publish_policy(
-    registry: Registry,
-    result: RoundResult,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    parent_version: str,
-    reward_version: str | None,
-    reference_version: str,
-    extra: dict | None = None,
-) -> Manifest:
-    """Publishes a candidate that passed the gate as the next policy version (atomic, checksummed)."""
-    if not result.decision.passed:
-        raise ValueError(f"refusing to publish a policy that failed the gate: {result.decision.reason}")
-    return registry.publish_model(
-        "policy",
-        result.model,
-        tokenizer,
-        extra_files={VALUE_HEAD_FILE: result.value_head},
-        parent_version=parent_version,
-        metrics=result.metrics(),
-        extra={
-            "reward_version": reward_version,
-            "reference_version": reference_version,
-            "gate": {"reason": result.decision.reason, **result.decision.figures()},
-            **(extra or {}),
-        },
-    )
+        name, "PASSED" if decision.passed else "REJECTED", decision.reason, stats[RoundFigure.ROUND_S],
+        100 * stats["share_generating"], 100 * stats["share_training"],
+    )  # fmt: skip

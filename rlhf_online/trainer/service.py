@@ -1,4 +1,4 @@
-"""The trainer service: watches Kafka and the registry, runs PPO rounds, publishes gated policy versions.
+"""The trainer service: follows Kafka and the registry, runs PPO rounds, publishes gated policy versions.
 
     service = create_service(TrainerConfig(registry_dir=..., grpc_port=0, metrics_port=-1))
     service.start()          # gRPC health on service.grpc_port, a background loop
@@ -6,12 +6,18 @@
     service.stop()           # abandons a round in progress (nothing partial is ever published)
 
 The loop (one thread; kafka-python consumers are not thread-safe):
-1. polls `rlhf.interactions` into a pool of recent prompts and counts new `rlhf.feedback` ratings;
-2. checks the trigger (ratings or interval, and a reward checkpoint newer than the last one used);
+1. polls `rlhf.interactions` into a pool of recent prompts, and `rlhf.models` for reward ModelEvents: the
+   newest reward checkpoint and its `ratings_applied` figure (it never reads `rlhf.feedback`: the reward
+   checkpoints say which ratings they learnt from, so a rating counts once);
+2. checks the trigger: a reward checkpoint newer than the one the last round used, and either enough new
+   ratings (the newest checkpoint's `ratings_applied` minus that of the last round's) or the interval;
 3. runs a round from the serving version (registry LATEST of "policy") against the reference (the lineage's
-   first version) and the latest reward checkpoint;
+   first version) and the newest reward checkpoint;
 4. if the gate passes: publishes the version to the registry, then a ModelEvent (acks=all) to `rlhf.models`;
-5. commits the feedback offsets it counted, so a restart does not count them again.
+5. publishes the round's RoundEvent to `rlhf.rounds`: PASSED, REJECTED, FAILED or ABANDONED.
+
+At start-up it reads the registry's LATEST reward once, to resume; after that it learns of reward versions
+from their ModelEvents only. Without Kafka (`--kafka-bootstrap ""`) the start-up reward is all it knows.
 """
 
 import logging
@@ -19,13 +25,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from kafka import TopicPartition
+from google.protobuf.message import DecodeError
+from kafka import KafkaConsumer
 from kafka.errors import KafkaError
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhf_online.broker.clients import make_consumer, make_producer, wait_for_broker, wait_for_partitions
+from rlhf_online.contract import POLICY, REWARD, RewardFigure, kind_name
 from rlhf_online.engine.chat_format import render_prompt
 from rlhf_online.health import HealthServer
 from rlhf_online.proto.rlhf.v1 import events_pb2
@@ -35,13 +45,13 @@ from rlhf_online.trainer import metrics
 from rlhf_online.trainer.config import TrainerConfig
 from rlhf_online.trainer.gate import RewardFn
 from rlhf_online.trainer.kl import make_kl_controller
-from rlhf_online.trainer.policy import build_policy, load_reference
-from rlhf_online.trainer.round import RoundAbandoned, RoundResult, publish_policy, run_round
+from rlhf_online.trainer.policy import PolicyWithValueHead, build_policy, load_reference
+from rlhf_online.trainer.publish import Publisher, RoundRecord, policy_event, publish_policy, round_event
+from rlhf_online.trainer.round import RoundAbandoned, RoundResult, run_round
 from rlhf_online.trainer.triggers import RoundTrigger, split_prompts, version_number
 
 log = logging.getLogger(__name__)
 
-POLICY, REWARD = "policy", "reward"
 Messages = tuple[tuple[str, str], ...]
 PromptSource = str | Messages  # a rendered prompt, or messages to render with the policy's tokenizer
 RewardLoader = Callable[[Path, str], RewardFn]  # (verified folder, device) -> reward_fn
@@ -64,14 +74,34 @@ def render(tokenizer, source: PromptSource) -> str:
     return source if isinstance(source, str) else render_prompt(tokenizer, source)
 
 
-class TrainerService:
-    """Runs PPO rounds when the triggers fire; counters are for tests and logs."""
+@dataclass(frozen=True)
+class RewardCheckpoint:
+    """A reward version the trainer knows of, and its `RewardFigure.RATINGS_APPLIED` figure."""
 
-    def __init__(self, config: TrainerConfig, *, reward_loader: RewardLoader = load_reward_fn) -> None:
+    version: str
+    ratings_applied: int
+
+
+class TrainerService:
+    """Runs PPO rounds when the triggers fire; counters are for tests and logs.
+
+    Args:
+        publisher: where the ModelEvents and RoundEvents go; by default one on a Kafka producer when
+            `config.kafka_bootstrap` is set, none otherwise.
+    """
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        *,
+        reward_loader: RewardLoader = load_reward_fn,
+        publisher: Publisher | None = None,
+    ) -> None:
         self.config = config
         self.registry = Registry(config.registry_dir)
         self.topics = Topics(config.topic_prefix)
         self.reward_loader = reward_loader
+        self.publisher = publisher
         self.device = config.torch_device()
         self.trigger = RoundTrigger(
             config.min_new_ratings, config.round_interval_s, config.require_new_reward
@@ -84,22 +114,23 @@ class TrainerService:
         self.versions_published = 0
         self.gate_rejections = 0
         self.rounds_failed = 0
+        self.rounds_abandoned = 0
         self.last_result: RoundResult | None = None
         self.last_published: str | None = None
-        self.new_ratings = 0
         self.grpc_port: int | None = None
         self._pool: deque[PromptSource] = deque(maxlen=config.prompt_pool_size)
         self._file_prompts: list[PromptSource] = (
             read_prompt_file(config.prompt_file) if config.prompt_file else []
         )
-        self._last_reward_version: str | None = None
+        self._reward: RewardCheckpoint | None = None  # the newest reward checkpoint announced
+        self._last_reward_version: str | None = None  # the one the last finished round used
+        self._ratings_at_last_round = 0  # ratings_applied of the reward checkpoint the last round used
         self._last_round_at = time.monotonic()
         self._reference: tuple[str, torch.nn.Module] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._consumer = None
+        self._consumer: KafkaConsumer | None = None
         self._producer = None
-        self._feedback_tps: list[TopicPartition] = []
         self._health: HealthServer | None = None
         self._waiting_logged: str | None = None
 
@@ -112,16 +143,16 @@ class TrainerService:
             from rlhf_online.bootstrap import ensure_initial_policy
 
             ensure_initial_policy(self.registry, Path(self.config.base_model_dir))
-        self._resume_from_registry()
         if self.config.kafka_bootstrap:
-            self._connect_kafka()
+            self._connect_kafka()  # before the registry is read: no reward event falls in between
+        self._resume_from_registry()
         self._health = HealthServer(self.config.grpc_port, host=self.config.grpc_host, name="trainer-grpc")
         self.grpc_port = self._health.port
         self._health.set_serving(True)
         self._thread = threading.Thread(target=self._loop, name="trainer-loop", daemon=True)
         self._thread.start()
         log.info(
-            "trainer started (gRPC health on port %d, device %s, trigger: %d ratings or %.0fs)",
+            "trainer started (gRPC health on port %d, device %s, trigger: %d ratings applied or %.0fs)",
             self.grpc_port,
             self.device,
             self.config.min_new_ratings,
@@ -146,61 +177,100 @@ class TrainerService:
         if self._health is not None:
             self._health.stop()
         log.info(
-            "trainer stopped after %d rounds (%d published, %d rejected, %d failed)",
+            "trainer stopped after %d rounds (%d published, %d rejected, %d failed, %d abandoned)",
             self.rounds_run,
             self.versions_published,
             self.gate_rejections,
             self.rounds_failed,
+            self.rounds_abandoned,
         )
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def new_ratings(self) -> int:
+        """Ratings the newest reward checkpoint applied beyond those of the reward version the last round
+        used (0 when a new reward lineage starts over)."""
+        if self._reward is None:
+            return 0
+        return max(self._reward.ratings_applied - self._ratings_at_last_round, 0)
+
+    @property
+    def reward_version(self) -> str | None:
+        """The newest reward checkpoint the trainer knows of (the next round scores with it)."""
+        return self._reward.version if self._reward is not None else None
+
+    @property
+    def prompts_in_pool(self) -> int:
+        """Interactions' prompts held for the next round (the prompt file's not counted)."""
+        return len(self._pool)
+
+    # ---- the registry ------------------------------------------------------------------------------------
+
     def _resume_from_registry(self) -> None:
-        """Picks up the reward version and KL coefficient the serving version was trained with."""
-        latest = self.registry.latest(POLICY)
-        if latest is None:
-            return
-        try:
-            extra = self.registry.manifest(POLICY, latest).extra
-        except RegistryError as e:
-            log.warning("cannot read the manifest of policy %s: %s", latest, e)
-            return
+        """Picks up the newest reward checkpoint, and the reward version (with its ratings) and the KL
+        coefficient that the serving version was trained with."""
+        latest_reward = self.registry.latest(REWARD)
+        if latest_reward is not None:
+            self._see_reward(RewardCheckpoint(latest_reward, self._ratings_applied_of(latest_reward)))
+        extra = self._serving_extra()
         self._last_reward_version = extra.get("reward_version")
+        if self._last_reward_version:
+            applied = extra.get("ratings_applied")
+            self._ratings_at_last_round = (
+                int(applied) if applied is not None else self._ratings_applied_of(self._last_reward_version)
+            )
         if "kl_coef_next" in extra:
             self.kl_ctl.value = float(extra["kl_coef_next"])
+
+    def _serving_extra(self) -> dict:
+        """The `extra` of the serving policy version's manifest ({} when there is none)."""
+        latest = self.registry.latest(POLICY)
+        if latest is None:
+            return {}
+        try:
+            return self.registry.manifest(POLICY, latest).extra
+        except RegistryError as e:
+            log.warning("cannot read the manifest of policy %s: %s", latest, e)
+            return {}
+
+    def _ratings_applied_of(self, reward_version: str) -> int:
+        """A reward checkpoint's ratings_applied figure, from its manifest (0 when unknown)."""
+        try:
+            figures = self.registry.manifest(REWARD, reward_version).metrics
+        except RegistryError as e:
+            log.warning(
+                "cannot read the manifest of reward %s (counting its ratings as 0): %s", reward_version, e
+            )
+            return 0
+        return int(figures.get(RewardFigure.RATINGS_APPLIED, 0))
 
     # ---- Kafka -------------------------------------------------------------------------------------------
 
     def _connect_kafka(self) -> None:
-        from rlhf_online.broker.clients import make_consumer, make_producer, wait_for_broker
-
-        wait_for_broker(self.config.kafka_bootstrap, timeout_s=60)
-        self._producer = make_producer(self.config.kafka_bootstrap, client_id="trainer")
-        consumer = make_consumer(
-            self.config.kafka_bootstrap, group_id=self.config.consumer_group, client_id="trainer"
-        )
-        interactions = self._partitions(consumer, self.topics.interactions)
-        self._feedback_tps = self._partitions(consumer, self.topics.feedback)
-        consumer.assign(interactions + self._feedback_tps)
-        # interactions: the most recent ones, whatever was committed; feedback: from the committed offsets
+        """A producer for the events, and one consumer of the recent interactions and of the model events
+        from now on (what came before is in the registry, which `start` reads next)."""
+        bootstrap = self.config.kafka_bootstrap
+        wait_for_broker(bootstrap, timeout_s=60)
+        self._producer = make_producer(bootstrap, client_id="trainer")
+        if self.publisher is None:
+            self.publisher = Publisher(self._producer, self.topics)
+        consumer = make_consumer(bootstrap, group_id=self.config.consumer_group, client_id="trainer")
+        interactions = wait_for_partitions(consumer, self.topics.interactions)
+        models = wait_for_partitions(consumer, self.topics.models)
+        consumer.assign(interactions + models)
         begin, end = consumer.beginning_offsets(interactions), consumer.end_offsets(interactions)
         per_partition = -(-self.config.prompt_pool_size // max(len(interactions), 1))
         for tp in interactions:
             consumer.seek(tp, max(begin[tp], end[tp] - per_partition))
+        for tp, offset in consumer.end_offsets(models).items():
+            consumer.seek(tp, offset)
         self._consumer = consumer
 
-    def _partitions(self, consumer, topic: str, timeout_s: float = 30.0) -> list[TopicPartition]:
-        deadline = time.monotonic() + timeout_s
-        while not (ids := consumer.partitions_for_topic(topic)):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {topic} does not exist; create it with `rlhf-online kafka start`")
-            time.sleep(0.2)
-        return [TopicPartition(topic, p) for p in sorted(ids)]
-
     def _poll_kafka(self, timeout_ms: int) -> None:
-        """Adds new interactions to the prompt pool and counts new ratings."""
+        """Adds new interactions to the prompt pool and takes note of new reward checkpoints."""
         try:
             batches = self._consumer.poll(timeout_ms=timeout_ms)
         except KafkaError as e:
@@ -208,17 +278,15 @@ class TrainerService:
             self._stop.wait(1.0)
             return
         for tp, records in batches.items():
+            handle = self._add_model_event if tp.topic == self.topics.models else self._add_interaction
             for record in records:
-                if tp.topic == self.topics.feedback:
-                    self.new_ratings += 1
-                else:
-                    self._add_interaction(record.value)
+                handle(record.value)
         metrics.NEW_RATINGS.set(self.new_ratings)
 
     def _add_interaction(self, value: bytes) -> None:
         try:
             event = events_pb2.Interaction.FromString(value)
-        except Exception as e:  # a garbled record must not stop the trainer
+        except DecodeError as e:  # a garbled record must not stop the trainer
             log.warning("skipping an unreadable interaction: %s", e)
             return
         if event.prompt:
@@ -226,38 +294,34 @@ class TrainerService:
         elif event.messages:
             self._pool.append(tuple((m.role, m.content) for m in event.messages))
 
-    def _commit(self) -> None:
-        """Commits the feedback offsets read so far: they were counted towards the round that just ran."""
-        if self._consumer is None:
-            return
+    def _add_model_event(self, value: bytes) -> None:
+        """Reward PUBLISHED events move the newest reward checkpoint; the rest (policy events) are ignored."""
         try:
-            from kafka.structs import OffsetAndMetadata
-
-            offsets = {
-                tp: OffsetAndMetadata(self._consumer.position(tp), "", -1) for tp in self._feedback_tps
-            }
-            self._consumer.commit(offsets)
-        except KafkaError as e:
-            log.warning("committing feedback offsets failed (ratings will be counted again): %s", e)
-
-    def _send_event(self, event: events_pb2.ModelEvent, attempts: int = 5) -> None:
-        """Publishes a ModelEvent with acks=all, retrying; serving swaps when it reads it."""
-        for attempt in range(1, attempts + 1):
-            try:
-                self._producer.send(
-                    self.topics.models, key=event.version.encode(), value=event.SerializeToString()
-                ).get(timeout=15)
-                return
-            except KafkaError as e:
-                log.warning(
-                    "publishing ModelEvent %s failed (attempt %d/%d): %s", event.version, attempt, attempts, e
-                )
-                time.sleep(min(2.0 * attempt, 10.0))
-        log.error(
-            "gave up publishing ModelEvent %s: it is in the registry as LATEST, replicas pick it up at "
-            "their next start or the next event",
-            event.version,
+            event = events_pb2.ModelEvent.FromString(value)
+        except DecodeError as e:
+            log.warning("skipping an unreadable ModelEvent: %s", e)
+            return
+        if kind_name(event.kind) != REWARD or event.action != events_pb2.PUBLISHED:
+            return
+        if RewardFigure.RATINGS_APPLIED not in event.metrics:
+            log.warning(
+                "reward ModelEvent %s has no %s figure; counting 0",
+                event.version,
+                RewardFigure.RATINGS_APPLIED,
+            )
+        self._see_reward(
+            RewardCheckpoint(event.version, int(event.metrics.get(RewardFigure.RATINGS_APPLIED, 0)))
         )
+
+    def _see_reward(self, reward: RewardCheckpoint) -> None:
+        """Keeps the newest reward checkpoint (a replayed older event changes nothing)."""
+        if self._reward is not None and version_number(reward.version) <= version_number(
+            self._reward.version
+        ):
+            return
+        self._reward = reward
+        metrics.REWARD_RATINGS_APPLIED.set(reward.ratings_applied)
+        log.info("reward checkpoint %s: %d ratings applied", reward.version, reward.ratings_applied)
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -272,7 +336,7 @@ class TrainerService:
             reason = self.trigger.check(
                 new_ratings=self.new_ratings,
                 seconds_since_last_round=time.monotonic() - self._last_round_at,
-                reward_version=self.registry.latest(REWARD),
+                reward_version=self.reward_version,
                 last_reward_version=self._last_reward_version,
             )
             if reason:
@@ -282,7 +346,7 @@ class TrainerService:
 
     def _log_waiting(self) -> None:
         """One log line per change of what the loop waits for."""
-        reward = self.registry.latest(REWARD)
+        reward = self.reward_version
         if reward is None:
             what = "a reward checkpoint"
         elif self.config.require_new_reward and version_number(reward) <= version_number(
@@ -290,156 +354,172 @@ class TrainerService:
         ):
             what = f"a reward checkpoint newer than {self._last_reward_version}"
         else:
-            what = f"{self.config.min_new_ratings} new ratings or the interval"
+            what = f"{self.config.min_new_ratings} new ratings applied or the interval"
         if what != self._waiting_logged:
-            log.info("trainer waiting for %s (%d new ratings so far)", what, self.new_ratings)
+            log.info("trainer waiting for %s (%d new ratings applied so far)", what, self.new_ratings)
             self._waiting_logged = what
 
     def run_round_now(self, reason: str = "asked") -> RoundResult | None:
-        """Runs one round now, publishing if the gate passes; returns its result (None if it did not run)."""
-        policy_version, reward_version = self.registry.latest(POLICY), self.registry.latest(REWARD)
-        if policy_version is None or reward_version is None:
-            log.info(
-                "no round: the registry has no %s version yet", POLICY if policy_version is None else REWARD
-            )
+        """Runs one round now, publishing if the gate passes, then its RoundEvent; returns its result (None
+        if it did not finish: nothing to run, postponed, abandoned or failed)."""
+        record = self._new_record()
+        if record is None:
             return None
-        n = self.rounds_run + self.rounds_failed + 1
-        name = f"round {n}"
-        started = time.perf_counter()
         try:
-            result = self._round(name, n, reason, policy_version, reward_version)
-        except RoundAbandoned as e:
-            metrics.ROUNDS.labels("abandoned").inc()
-            log.info("%s abandoned, nothing published: %s", name, e)
-            return None
+            result = self._round(record, reason)
         except _NotReady as e:
-            if str(e) != self._waiting_logged:
-                log.info("%s postponed: %s", name, e)
-                self._waiting_logged = str(e)
+            self._postponed(record, e)
             return None
-        except Exception:
-            self.rounds_failed += 1
-            metrics.ROUNDS.labels("failed").inc()
-            log.exception("%s failed; the serving version stays %s", name, policy_version)
-            self._finish_round(None)
+        except RoundAbandoned as e:
+            self._abandoned(record, e)
             return None
-        metrics.ROUND_DURATION.observe(time.perf_counter() - started)
-        self._finish_round(reward_version)
+        except Exception as e:
+            self._failed(record, e)
+            return None
+        self._finished(record, result)
         return result
 
-    def _finish_round(self, reward_version: str | None) -> None:
-        if reward_version is not None:
-            self._last_reward_version = reward_version
-        self.new_ratings = 0
+    def _new_record(self) -> RoundRecord | None:
+        """The record of the round about to start, or None when there is no policy or reward to train with."""
+        policy_version, reward = self.registry.latest(POLICY), self._reward
+        if policy_version is None or reward is None:
+            log.info(
+                "no round: %s", "the registry has no policy version" if reward else "no reward checkpoint yet"
+            )
+            return None
+        number = self.rounds_run + self.rounds_failed + self.rounds_abandoned + 1
+        return RoundRecord(number, policy_version, reward.version, reward.ratings_applied, self.new_ratings)
+
+    # ---- how a round ends --------------------------------------------------------------------------------
+
+    def _postponed(self, record: RoundRecord, e: Exception) -> None:
+        """Not enough prompts: no round, no event; the trigger fires again at the next check."""
+        if str(e) != self._waiting_logged:
+            log.info("%s postponed: %s", record.name, e)
+            self._waiting_logged = str(e)
+
+    def _abandoned(self, record: RoundRecord, e: RoundAbandoned) -> None:
+        self.rounds_abandoned += 1
+        metrics.ROUNDS.labels("abandoned").inc()
+        log.info("%s abandoned, nothing published: %s", record.name, e)
+        self._announce(round_event(record, events_pb2.ABANDONED, reason=str(e)))
+
+    def _failed(self, record: RoundRecord, e: Exception) -> None:
+        """Called in the `except` block, so the log has the traceback."""
+        self.rounds_failed += 1
+        metrics.ROUNDS.labels("failed").inc()
+        log.exception("%s failed; the serving version stays %s", record.name, record.start_version)
+        self._announce(round_event(record, events_pb2.FAILED, reason=f"{type(e).__name__}: {e}"))
+        self._round_done(record, reward_used=False)
+
+    def _finished(self, record: RoundRecord, result: RoundResult) -> None:
+        metrics.ROUND_DURATION.observe(time.perf_counter() - record.started)
+        self.last_result = result
+        self.rounds_run += 1
+        outcome = events_pb2.PASSED if result.decision.passed else events_pb2.REJECTED
+        self._announce(round_event(record, outcome, result=result))
+        self._round_done(record, reward_used=True)
+
+    def _round_done(self, record: RoundRecord, *, reward_used: bool) -> None:
+        """Restarts the trigger: new ratings count from this round's reward checkpoint; a finished round
+        also marks its reward version used (a failed one may retry it when the interval fires)."""
+        if reward_used:
+            self._last_reward_version = record.reward_version
+        self._ratings_at_last_round = record.ratings_applied
         self._last_round_at = time.monotonic()
         self._waiting_logged = None
-        self._commit()
 
-    def _round(self, name: str, n: int, reason: str, policy_version: str, reward_version: str) -> RoundResult:
+    def _announce(self, event: events_pb2.RoundEvent) -> None:
+        if self.publisher is not None:
+            self.publisher.round_event(event)
+
+    # ---- one round ---------------------------------------------------------------------------------------
+
+    def _round(self, record: RoundRecord, reason: str) -> RoundResult:
+        """Loads what the round needs, runs it, and publishes the candidate if the gate passed it."""
         # prompts first: a round without enough prompts is postponed before anything heavy is loaded
+        tokenizer, train, heldout = self._prompts(record.start_version)
+        policy, reference, reward_fn = self._load_models(record)
+        log.info(
+            "%s: starting (%s) from policy %s, reward %s (%d ratings applied), reference %s; %d training "
+            "prompts (%d distinct), %d held out",
+            record.name, reason, record.start_version, record.reward_version, record.ratings_applied,
+            record.reference_version, len(train), len(set(train)), len(heldout),
+        )  # fmt: skip
+        result = run_round(
+            policy, reference, tokenizer, reward_fn, train, heldout, self.config, self.kl_ctl,
+            seed=self.config.seed + record.number, should_stop=self._stop.is_set, name=record.name,
+        )  # fmt: skip
+        self._check_still_serving(record.start_version)
+        self._record_verdict(record, result)
+        if result.decision.passed:
+            self._publish(record, result, tokenizer)
+        return result
+
+    def _prompts(self, policy_version: str) -> tuple[PreTrainedTokenizerBase, list[str], list[str]]:
+        """The policy's tokenizer and the (train, held-out) prompts rendered with it.
+
+        Raises:
+            _NotReady: fewer than 2 distinct prompts.
+        """
         tokenizer = AutoTokenizer.from_pretrained(self.registry.path(POLICY, policy_version))
         sources = list(self._pool) + self._file_prompts
         metrics.PROMPT_POOL.set(len(sources))
+        rendered = [render(tokenizer, s) for s in sources]
         try:
-            train, heldout = split_prompts(
-                [render(tokenizer, s) for s in sources],
-                self.config.heldout_fraction,
-                self.config.eval_prompts,
-            )
+            train, heldout = split_prompts(rendered, self.config.heldout_fraction, self.config.eval_prompts)
         except ValueError as e:
             raise _NotReady(str(e)) from e
-        policy_dir = self.registry.verify(POLICY, policy_version)
-        reference_version, reference = self._reference_for(policy_version)
-        reward_fn = self.reward_loader(self.registry.verify(REWARD, reward_version), self.device)
-        cfg = self.config
+        return tokenizer, train, heldout
+
+    def _load_models(self, record: RoundRecord) -> tuple[PolicyWithValueHead, torch.nn.Module, RewardFn]:
+        """The policy to train (from verified files), the reference and the reward function."""
+        policy_dir = self.registry.verify(POLICY, record.start_version)
+        record.reference_version, reference = self._reference_for(record.start_version)
+        reward_fn = self.reward_loader(self.registry.verify(REWARD, record.reward_version), self.device)
+        c = self.config
         policy = build_policy(
-            policy_dir,
-            train_mode=cfg.train_mode,
-            trainable_layers=cfg.trainable_layers,
-            lora_r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            lora_target_modules=cfg.lora_targets,
+            policy_dir, train_mode=c.train_mode, trainable_layers=c.trainable_layers, lora_r=c.lora_r,
+            lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, lora_target_modules=c.lora_targets,
             device=self.device,
-        )
-        log.info(
-            "%s: starting (%s) from policy %s, reward %s, reference %s; %d training prompts (%d distinct), "
-            "%d held out",
-            name,
-            reason,
-            policy_version,
-            reward_version,
-            reference_version,
-            len(train),
-            len(set(train)),
-            len(heldout),
-        )
-        result = run_round(
-            policy,
-            reference,
-            tokenizer,
-            reward_fn,
-            train,
-            heldout,
-            cfg,
-            self.kl_ctl,
-            seed=cfg.seed + n,
-            should_stop=self._stop.is_set,
-            name=name,
-        )
-        self._check_still_serving(policy_version)
+        )  # fmt: skip
+        return policy, reference, reward_fn
+
+    def _record_verdict(self, record: RoundRecord, result: RoundResult) -> None:
+        """The gate's verdict into the metrics and counters."""
         decision = result.decision
         metrics.GATE_DECISIONS.labels(decision.code).inc()
         metrics.record_round(result.stats, decision.figures())
-        if decision.passed:
-            self._publish(name, result, tokenizer, policy_version, reward_version, reference_version)
-        else:
+        if not decision.passed:
             self.gate_rejections += 1
             metrics.ROUNDS.labels("rejected").inc()
-            log.warning("%s: gate rejected the candidate (%s); nothing published", name, decision.reason)
-        self.last_result = result
-        self.rounds_run += 1
-        return result
+            log.warning(
+                "%s: gate rejected the candidate (%s); nothing published", record.name, decision.reason
+            )
 
-    def _publish(self, name, result, tokenizer, policy_version, reward_version, reference_version) -> None:
-        """Registry first (atomic), then the ModelEvent that makes serving swap."""
-        self._check_still_serving(policy_version)
+    def _publish(self, record: RoundRecord, result: RoundResult, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Registry first (atomic), then the ModelEvent that makes serving swap, then retention."""
+        self._check_still_serving(record.start_version)
         # From here the round finishes even if asked to stop: the publish is one atomic step.
         manifest = publish_policy(
-            self.registry,
-            result,
-            tokenizer,
-            parent_version=policy_version,
-            reward_version=reward_version,
-            reference_version=reference_version,
-            extra={"kl_coef_next": self.kl_ctl.value, "round": name},
-        )
-        self.last_published = manifest.version
+            self.registry, result, tokenizer, parent_version=record.start_version,
+            reward_version=record.reward_version, reference_version=record.reference_version,
+            extra={"kl_coef_next": self.kl_ctl.value, "round": record.name,
+                   "ratings_applied": record.ratings_applied},
+        )  # fmt: skip
+        record.published_version = self.last_published = manifest.version
         metrics.ROUNDS.labels("published").inc()
         metrics.PUBLISHED_VERSION.set(version_number(manifest.version))
-        if self._producer is not None:
-            self._send_event(
-                events_pb2.ModelEvent(
-                    kind=events_pb2.POLICY,
-                    action=events_pb2.PUBLISHED,
-                    version=manifest.version,
-                    parent_version=policy_version,
-                    path=f"{POLICY}/{manifest.version}",
-                    metrics=result.metrics(),
-                    timestamp_ms=int(time.time() * 1000),
-                )
-            )
+        if self.publisher is not None:
+            self.publisher.model_event(policy_event(manifest, result))
         self.versions_published += 1
         if self.config.keep_versions:
-            self.registry.retain(POLICY, self.config.keep_versions, protect=[reference_version])
+            self.registry.retain(POLICY, self.config.keep_versions, protect=[record.reference_version])
         log.info(
             "%s: published policy %s (parent %s, reward %s, gate %+.4f)",
-            name,
-            manifest.version,
-            policy_version,
-            reward_version,
+            record.name, manifest.version, record.start_version, record.reward_version,
             result.decision.improvement,
-        )
+        )  # fmt: skip
 
     def _check_still_serving(self, policy_version: str) -> None:
         """Drops a round whose starting version is no longer LATEST: an operator rolled back (or another
@@ -462,6 +542,8 @@ class _NotReady(Exception):
     """Not enough prompts yet; the round is postponed without counting."""
 
 
-def create_service(config: TrainerConfig, *, reward_loader: RewardLoader = load_reward_fn) -> TrainerService:
+def create_service(
+    config: TrainerConfig, *, reward_loader: RewardLoader = load_reward_fn, publisher: Publisher | None = None
+) -> TrainerService:
     """A trainer service for `config`, not started yet."""
-    return TrainerService(config, reward_loader=reward_loader)
+    return TrainerService(config, reward_loader=reward_loader, publisher=publisher)
