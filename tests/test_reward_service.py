@@ -6,6 +6,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaConsumer, TopicPartition
 
+from rlhf_online import contract
 from rlhf_online.broker.clients import make_producer, read_topic
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Registry
@@ -93,6 +94,10 @@ def test_service_joins_dead_letters_checkpoints_commits_and_resumes(
     assert set(offsets) == {f"{t}:{p}" for t in (topics.interactions, topics.feedback) for p in (0, 1)}
     committed = committed_offsets(kafka_bootstrap, service.group_id, [topics.interactions, topics.feedback])
     assert committed == offsets
+    # Every rating was applied or dead-lettered: nothing holds the feedback offsets back from the end.
+    assert [offsets[f"{topics.feedback}:{p}"] for p in (0, 1)] == end_offsets(
+        kafka_bootstrap, topics.feedback
+    )
 
     # 4. Dead letters carry the raw bytes and the reason.
     dead = [
@@ -105,11 +110,19 @@ def test_service_joins_dead_letters_checkpoints_commits_and_resumes(
     assert by_key[b"ghost"].source_topic == topics.feedback
 
     # 5. Each checkpoint was announced on the models topic.
-    announced = [
-        events_pb2.ModelEvent.FromString(r.value) for r in read_topic(kafka_bootstrap, topics.models)
-    ]
+    records = read_topic(kafka_bootstrap, topics.models)
+    announced = [events_pb2.ModelEvent.FromString(r.value) for r in records]
     assert [e.version for e in announced] == registry.versions("reward")
     assert all(e.kind == events_pb2.REWARD and e.action == events_pb2.PUBLISHED for e in announced)
+    assert all(r.key == b"reward" for r in records)
+    # Each carries the figures of its manifest by the contract's names; the total of ratings applied in all.
+    figures = {v for k, v in vars(contract.RewardFigure).items() if k.isupper()}
+    for event in announced:
+        manifest = registry.manifest("reward", event.version)
+        assert dict(event.metrics) == manifest.metrics and set(event.metrics) <= figures
+        applied = event.metrics[contract.RewardFigure.RATINGS_APPLIED]
+        assert applied == manifest.extra["applied_events"] > 0
+    assert announced[-1].metrics[contract.RewardFigure.RATINGS_APPLIED] == 40
 
     # 6. A restart resumes the lineage: the same ratings again change nothing; new ones are applied.
     for ex in examples[:5]:
@@ -132,6 +145,16 @@ def test_service_joins_dead_letters_checkpoints_commits_and_resumes(
     ids = checkpoint.applied_event_ids(registry.verify("reward", registry.latest("reward")))
     assert sorted(ids) == sorted(ex.event_id for ex in examples + more)
     assert registry.manifest("reward", registry.latest("reward")).parent_version == latest
+
+
+def end_offsets(bootstrap: str, topic: str) -> list[int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        partitions = [TopicPartition(topic, p) for p in (0, 1)]
+        ends = consumer.end_offsets(partitions)
+        return [ends[tp] for tp in partitions]
+    finally:
+        consumer.close()
 
 
 def committed_offsets(bootstrap: str, group_id: str, topic_names: list[str]) -> dict[str, int]:
