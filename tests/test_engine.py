@@ -1,15 +1,22 @@
-"""The policy engine: sampling math on hand-written tensors, then batching, streaming, stops, cancel, swap and
-shutdown on the tiny model (CPU, fp32)."""
+"""The policy engine: sampling and KV-cache batch operations on hand-written tensors, then continuous
+batching (joining, leaving, caps), streaming, stops, cancel, swap under load and shutdown on the tiny model
+(CPU, fp32).
+
+Requests that must arrive while a batch runs are submitted from the worker's step hook, at a chosen step, so
+every assertion is about the order of events, never about time."""
 
 import asyncio
 import copy
+import gc
 import threading
+import weakref
 
 import pytest
 import torch
 from prometheus_client import REGISTRY
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, DynamicCache
 
+from rlhf_online.engine.batch import DecodeBatch, concatenate, decode_step, prefill, select
 from rlhf_online.engine.engine import (
     EngineStopped,
     Finished,
@@ -73,6 +80,50 @@ def test_incremental_decoder_holds_back_incomplete_characters():
     pieces = [decoder.push(b) for b in "é!".encode()]
     assert pieces == ["", "é", "!"]
     assert decoder.flush() == "" and decoder.text() == "é!"
+
+
+# KV-cache batch operations.
+
+
+def hand_batch(keys: list[list[float]], mask: list[list[int]], tag: str) -> DecodeBatch:
+    """A one-layer, one-head batch whose keys (B, 1, T, 1) are the given numbers, values their negatives."""
+    k = torch.tensor(keys)[:, None, :, None]  # (B, 1, T, 1)
+    n = len(keys)
+    return DecodeBatch(
+        rows=[f"{tag}{i}" for i in range(n)],
+        cache=DynamicCache(ddp_cache_data=[(k, -k)]),
+        mask=torch.tensor(mask),
+        next_tokens=torch.arange(n),
+        temperature=torch.zeros(n),
+        top_p=torch.ones(n),
+    )
+
+
+def keys_of(batch: DecodeBatch) -> list[list[float]]:
+    return batch.cache.layers[0].keys[:, 0, :, 0].tolist()
+
+
+def test_concatenate_left_pads_the_narrower_batch_and_masks_the_padding():
+    wide = hand_batch([[1.0, 2.0, 3.0], [0.0, 4.0, 5.0]], [[1, 1, 1], [0, 1, 1]], "a")
+    narrow = hand_batch([[6.0]], [[1]], "b")
+    joined = concatenate(wide, narrow)
+    assert joined.rows == ["a0", "a1", "b0"] and joined.width == 3
+    assert keys_of(joined) == [[1.0, 2.0, 3.0], [0.0, 4.0, 5.0], [0.0, 0.0, 6.0]]
+    assert joined.cache.layers[0].values[2, 0, :, 0].tolist() == [0.0, 0.0, -6.0]
+    assert joined.mask.tolist() == [[1, 1, 1], [0, 1, 1], [0, 0, 1]]
+    assert joined.next_tokens.tolist() == [0, 1, 0]
+
+
+def test_select_drops_rows_and_the_columns_only_they_used():
+    batch = hand_batch(
+        [[1.0, 2.0, 3.0], [0.0, 4.0, 5.0], [0.0, 0.0, 6.0]], [[1, 1, 1], [0, 1, 1], [0, 0, 1]], "r"
+    )
+    select(batch, [2, 1])
+    assert batch.rows == ["r2", "r1"] and batch.width == 2  # the first column was the leaving row's alone
+    assert keys_of(batch) == [[0.0, 6.0], [4.0, 5.0]] and batch.mask.tolist() == [[0, 1], [1, 1]]
+    assert batch.next_tokens.tolist() == [2, 1]
+    select(batch, [0])
+    assert keys_of(batch) == [[6.0]] and batch.mask.tolist() == [[1]]
 
 
 # The engine on the tiny model.
@@ -140,6 +191,54 @@ def sampled(n: int, seed: int | None, top_p: float = 0.95) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=1.0, top_p=top_p, seed=seed)
 
 
+def submit(engine: PolicyEngine, prompt: str, params: SamplingParams):
+    return engine.submit(engine.tokenizer.encode(prompt), params)
+
+
+def run_with_hook(engine: PolicyEngine, first: list, hook) -> list[list]:
+    """Submits `first` (prompt, params) pairs, starts the engine with `hook(step, streams)` as its step hook
+    (it may append to `streams`), waits for the hook to return True, then collects every stream's events."""
+    streams, hooked = [], threading.Event()
+
+    def step_hook(step: int) -> None:
+        if hook(step, streams):
+            hooked.set()
+
+    async def go():
+        streams.extend(submit(engine, p, params) for p, params in first)
+        engine.step_hook = step_hook
+        engine.start()
+        assert await asyncio.to_thread(hooked.wait, 120)
+        return [await collect(stream) for stream in streams]
+
+    return asyncio.run(go())
+
+
+def test_rows_joined_into_a_batch_decode_as_they_would_alone(model, tokenizer):
+    def start(prompt: str) -> DecodeBatch:
+        cache, mask, logits = prefill(
+            model, [tokenizer.encode(prompt)], tokenizer.pad_token_id, torch.device("cpu")
+        )
+        return DecodeBatch([prompt], cache, mask, logits.argmax(-1), torch.zeros(1), torch.ones(1))
+
+    def two_steps_alone(prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = start(prompt)
+        first = decode_step(model, batch)  # (1, V)
+        batch.next_tokens = first.argmax(-1)
+        return first[0], decode_step(model, batch)[0]
+
+    with torch.inference_mode():
+        want_long, want_short = two_steps_alone(PROMPTS[4]), two_steps_alone(PROMPTS[0])
+        joined = concatenate(start(PROMPTS[4]), start(PROMPTS[0]))  # the short row is left-padded
+        first = decode_step(model, joined)  # (2, V)
+        torch.testing.assert_close(first[0], want_long[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(first[1], want_short[0], atol=1e-5, rtol=1e-4)
+        joined.next_tokens = first.argmax(-1)
+        select(joined, [1])  # the long row leaves, and so does the padding only it needed
+        assert joined.width == len(PROMPTS[0]) + 1
+        torch.testing.assert_close(decode_step(model, joined)[0], want_short[1], atol=1e-5, rtol=1e-4)
+
+
 def test_stream_yields_text_deltas_then_one_finished(make_engine):
     engine = make_engine()
     prompt_ids = engine.encode_chat([("system", "be brief"), ("user", "hello")])
@@ -181,11 +280,50 @@ def test_seeded_sampling_is_reproducible_whatever_its_batch_mates(make_engine):
     assert alone(make_engine, PROMPTS[2], sampled(24, seed=8)).text != solo.text
 
 
-def test_requests_waiting_together_run_as_one_batch(make_engine):
+def test_seeded_sampling_is_reproducible_when_it_joins_a_busy_batch(make_engine):
+    target = (PROMPTS[2], sampled(24, seed=7))
+    solo = alone(make_engine, *target)
+    engine = make_engine()
+    mates = [(PROMPTS[4], sampled(60, seed=1)), (PROMPTS[0], greedy(9)), (PROMPTS[1], sampled(40, seed=None))]
+
+    def hook(step: int, streams: list) -> bool:
+        if step == 4:  # joins rows 6 tokens longer than its prompt, so it is padded on the left
+            streams.append(submit(engine, *target))
+        if step == 7:  # a later newcomer joins the target's batch
+            streams.append(submit(engine, PROMPTS[3], sampled(20, seed=3)))
+        return step == 7
+
+    events = run_with_hook(engine, mates, hook)
+    assert events[3][-1] == solo
+    assert engine.prefills_run == 3 and engine.largest_batch_seen == 4  # the 9-token mate had left
+
+
+def test_rows_are_capped_at_max_batch_size_and_a_freed_row_is_refilled(make_engine):
     engine = make_engine(max_batch_size=4)
     done = run_all(engine, [(p, sampled(4, seed=i)) for i, p in enumerate(PROMPTS)])
-    assert len(done) == 5 and engine.largest_batch_seen == 4 and engine.batches_run == 2
+    assert len(done) == 5 and engine.largest_batch_seen == 4 and engine.prefills_run == 2
     assert REGISTRY.get_sample_value("rlhf_inference_batch_size_count") >= 2
+
+
+def test_a_request_joins_the_running_batch_and_finishes_before_it(make_engine):
+    want_long, want_short = (
+        alone(make_engine, PROMPTS[4], greedy(60)),
+        alone(make_engine, PROMPTS[1], greedy(5)),
+    )
+    engine = make_engine()
+    seen = []  # after each step: (rows per version, long finished, short finished)
+
+    def hook(step: int, streams: list) -> bool:
+        if step == 2:
+            streams.append(submit(engine, PROMPTS[1], greedy(5)))
+        done = [s.finished is not None for s in streams]
+        seen.append((dict(engine.running), done[0], len(done) > 1 and done[1]))
+        return len(streams) == 2
+
+    (*_, long_done), (*_, short_done) = run_with_hook(engine, [(PROMPTS[4], greedy(60))], hook)
+    assert {"v1": 2} in [running for running, _, _ in seen]  # decoded together
+    assert ({"v1": 1}, False, True) in seen  # the newcomer was done while the first one still ran
+    assert (long_done, short_done) == (want_long, want_short)
 
 
 def test_max_new_tokens_ends_with_length(make_engine):
@@ -227,56 +365,100 @@ def test_cancel_frees_a_queue_slot(make_engine):
 
     first_events, second_events = asyncio.run(go())
     assert first_events == [] and isinstance(second_events[-1], Finished)
-    assert engine.batches_run == 1 and engine.largest_batch_seen == 1
+    assert engine.prefills_run == 1 and engine.largest_batch_seen == 1
 
 
-def test_cancel_removes_a_running_request_from_its_batch(make_engine):
-    mate = (PROMPTS[4], sampled(10, seed=4))
-    solo = alone(make_engine, *mate)
-    engine = make_engine()
-    steps = []
+def test_cancel_inside_a_batch_frees_its_row_for_a_waiting_request(make_engine):
+    mate, waiting = (PROMPTS[4], sampled(30, seed=4)), (PROMPTS[1], sampled(10, seed=5))
+    want_mate, want_waiting = alone(make_engine, *mate), alone(make_engine, *waiting)
+    engine = make_engine(max_batch_size=2)
+    seen = []  # after each step: (rows running, mate finished, waiting finished)
 
-    async def go():
-        long = engine.submit(engine.tokenizer.encode(PROMPTS[0]), sampled(400, seed=1))
-        other = engine.submit(engine.tokenizer.encode(mate[0]), mate[1])
-        engine.step_hook = lambda step: (steps.append(step), step == 1 and long.cancel())
-        engine.start()
-        return await collect(long), await collect(other)
+    def hook(step: int, streams: list) -> bool:
+        if step == 1:
+            streams[0].cancel()
+        seen.append((sum(engine.running.values()), *(s.finished is not None for s in streams[1:])))
+        return step == 1
 
-    long_events, other_events = asyncio.run(go())
-    engine.stop(timeout=30)  # the worker calls the hook once more after the mate's Finished
-    assert not any(isinstance(e, Finished) for e in long_events)
-    assert other_events[-1] == solo  # the batch went on without the cancelled row
-    assert len(steps) == solo.completion_tokens  # the batch ended with the mate, long before 400 tokens
+    long_events, mate_events, waiting_events = run_with_hook(
+        engine, [(PROMPTS[0], sampled(400, seed=1)), mate, waiting], hook
+    )
+    assert long_events == [] and max(rows for rows, _, _ in seen) == 2
+    assert (1, False, True) in seen  # the waiting request took the freed row and ended first
+    assert (mate_events[-1], waiting_events[-1]) == (want_mate, want_waiting)  # the others are intact
+    engine.stop(timeout=30)  # joins the worker, so its last step hook has run
+    assert seen[-1] == (0, True, True) and len(seen) < 400  # the batch ended with the mate
 
 
-def test_swap_takes_effect_at_the_next_batch(make_engine, model_v2):
+def test_swap_serves_newcomers_at_once_while_running_rows_finish_on_the_old_model(make_engine, model_v2):
     params = sampled(12, seed=9)
     want_v1 = alone(make_engine, PROMPTS[2], params)
     want_v2 = alone(make_engine, PROMPTS[2], params, m=model_v2, version="v2")
     assert want_v1.text != want_v2.text
     engine = make_engine()
-    late, seen = [], []
+    seen = []
 
-    def hook(step: int) -> None:
-        if step == 2 and not late:  # once, in the first batch
+    def hook(step: int, streams: list) -> bool:
+        if step == 2:
             engine.swap(model_v2, "v2")
-            seen.append(engine.version)  # still v1 while its batch runs
-            late.append(engine.submit(engine.tokenizer.encode(PROMPTS[2]), params))
+            streams.append(submit(engine, PROMPTS[2], params))
+        seen.append((engine.version, dict(engine.running)))
+        return step == 2
 
-    async def go():
-        engine.step_hook = hook
-        first = engine.submit(engine.tokenizer.encode(PROMPTS[2]), params)
-        engine.start()
-        first_done = (await collect(first))[-1]
-        return first_done, (await collect(late[0]))[-1]
-
-    first_done, late_done = asyncio.run(go())
-    assert seen == ["v1"] and first_done == want_v1
-    assert late_done == want_v2 and engine.batches_run == 2
-    assert engine.wait_swapped("v2", timeout=5) and engine.version == "v2"
+    (*_, first_done), (*_, late_done) = run_with_hook(engine, [(PROMPTS[2], params)], hook)
+    assert seen[2][0] == "v2" and ("v2", {"v1": 1, "v2": 1}) in seen  # no pause: both versions decoded
+    assert (first_done, late_done) == (want_v1, want_v2)
+    assert engine.wait_swapped("v2", timeout=0) and engine.version == "v2"
     assert REGISTRY.get_sample_value("rlhf_inference_model_version_info", {"version": "v2"}) == 1
     assert REGISTRY.get_sample_value("rlhf_inference_model_version_info", {"version": "v1"}) is None
+
+
+def test_every_answer_comes_from_one_version_across_a_swap_under_continuous_load(
+    make_engine, model, model_v2
+):
+    jobs = [(PROMPTS[i % 5], sampled(6 + 3 * (i % 4), seed=i)) for i in range(16)]
+    want = {
+        (i, version): alone(make_engine, *job, m=m, version=version)
+        for i, job in enumerate(jobs)
+        for version, m in (("v1", model), ("v2", model_v2))
+    }
+    assert all(want[i, "v1"].text != want[i, "v2"].text for i in range(len(jobs)))
+    engine = make_engine(m=copy.deepcopy(model), max_batch_size=16)
+    old_model = weakref.ref(engine._model)
+    seen = []
+
+    def hook(step: int, streams: list) -> bool:
+        if step == 5:
+            engine.swap(model_v2, "v2")
+        if step + 1 < len(jobs):  # one new request per step, before and after the swap
+            streams.append(submit(engine, *jobs[step + 1]))
+        seen.append(dict(engine.running))
+        return step + 2 == len(jobs)
+
+    done = [events[-1] for events in run_with_hook(engine, jobs[:1], hook)]
+    assert [f.model_version for f in done] == ["v1"] * 6 + ["v2"] * 10  # the version at its start
+    assert all(f == want[i, f.model_version] for i, f in enumerate(done))  # every token from that version
+    with_v1 = [i for i, running in enumerate(seen) if "v1" in running]
+    assert any("v2" in seen[i] for i in with_v1)  # old rows went on while new ones ran
+    assert with_v1 == list(range(len(with_v1)))  # and once the last old row left, v1 never came back
+    gc.collect()
+    assert old_model() is None  # the old model was dropped with its last row
+
+
+def test_a_request_waits_while_it_would_exceed_the_token_cap(make_engine):
+    prompt = "x" * 250  # 250 tokens; with 40 new ones each request reserves 290
+    engine = make_engine(max_batch_tokens=560)
+    done = run_all(engine, [(prompt, greedy(40)), (prompt, greedy(40)), (PROMPTS[0], greedy(3))])
+    assert [f.completion_tokens for f in done] == [40, 40, 3]
+    assert engine.largest_batch_seen == 2 and engine.prefills_run == 2  # the second, then the third behind it
+    roomy = make_engine(max_batch_tokens=600)
+    run_all(roomy, [(prompt, greedy(40)), (prompt, greedy(40)), (PROMPTS[0], greedy(3))])
+    assert roomy.largest_batch_seen == 3 and roomy.prefills_run == 1
+
+
+def test_the_token_cap_must_fit_a_request_as_long_as_the_context(make_engine):
+    with pytest.raises(ValueError, match="at least 512"):
+        make_engine(max_batch_tokens=511)
 
 
 def test_swap_on_an_idle_engine_serves_at_once(make_engine, model_v2):

@@ -444,8 +444,8 @@ class PolicyEngine:
         Waits only while nothing runs. A request that does not fit waits, and so do those behind it, so a
         long request is not starved by short ones.
         """
-        rows = sum(len(lane.rows) for lane in lanes)
-        reserved = sum(row.request.cost for lane in lanes for row in lane.rows)
+        running = [row for lane in lanes for row in lane.rows if not row.stream.cancelled]  # cancelled: free
+        rows, reserved = len(running), sum(row.request.cost for row in running)
         with self._cond:
             if not lanes:
                 self._cond.wait_for(lambda: self._queue or self._stopping)
