@@ -138,6 +138,20 @@ class ServiceConfig:
         default="127.0.0.1", metadata={"help": "Address the gRPC server binds (0.0.0.0 in a pod)."}
     )
     grpc_port: int = grpc_port_field(0)
+    tls_cert_file: str = field(
+        default="",
+        metadata={
+            "help": "PEM certificate (chain) of the gRPC server; with tls_key_file turns TLS on. Empty: "
+            "plaintext (docs/security.md)."
+        },
+    )
+    tls_key_file: str = field(default="", metadata={"help": "PEM private key of tls_cert_file."})
+    tls_client_ca_file: str = field(
+        default="",
+        metadata={
+            "help": "PEM CA bundle; set: mutual TLS, every client must present a certificate it signed."
+        },
+    )
     metrics_port: int = metrics_port_field(-1)
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR."})
 

@@ -1,4 +1,9 @@
-"""gRPC health + reflection for a service whose work runs in plain threads: grpc.aio on a loop thread."""
+"""gRPC health + reflection for a service whose work runs in plain threads: grpc.aio on a loop thread.
+
+    health = HealthServer(config.grpc_port, host=config.grpc_host, credentials=server_credentials(config))
+
+With `credentials` (from `rlhf_online.tls.server_credentials`) the port speaks TLS, or mutual TLS.
+"""
 
 import asyncio
 import logging
@@ -8,26 +13,33 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rlhf_online.tls import add_port
+
 log = logging.getLogger(__name__)
 
 
 class HealthServer:
-    """Serves `grpc.health.v1.Health` (overall status "") and reflection on `host:port` (0: a free port)."""
+    """Serves `grpc.health.v1.Health` (overall status "") and reflection on `host:port` (0: a free port),
+    over TLS when `credentials` is given."""
 
-    def __init__(self, port: int, host: str = "0.0.0.0", name: str = "grpc-health") -> None:
+    def __init__(
+        self,
+        port: int,
+        host: str = "0.0.0.0",
+        name: str = "grpc-health",
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
         self.servicer = health.aio.HealthServicer()
-        self._server, self.port = self._call(self._start(host, port))
+        self._server, self.port = self._call(self._start(host, port, credentials))
 
-    async def _start(self, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    async def _start(self, host: str, port: int, credentials) -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
         reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        bound = server.add_insecure_port(f"{host}:{port}")
-        if bound == 0:
-            raise OSError(f"cannot bind the gRPC health port {host}:{port}; is it taken? (--grpc-port)")
+        bound = add_port(server, host, port, credentials)
         await server.start()
         return server, bound
 

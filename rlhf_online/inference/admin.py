@@ -11,12 +11,16 @@ from rlhf_online.inference.events import PublishError
 from rlhf_online.inference.follower import ModelFollower
 from rlhf_online.proto.rlhf.v1 import admin_pb2, admin_pb2_grpc, events_pb2
 from rlhf_online.registry import Manifest, Registry, RegistryError, VersionNotFound
+from rlhf_online.tls import is_protected
 
 log = logging.getLogger(__name__)
+_MAX_VERSION_CHARS = 64
 
 
 class ModelAdmin(admin_pb2_grpc.ModelAdminServicer):
-    """Operator API; every call needs `authorization: Bearer <admin token>` metadata."""
+    """Operator API; every call needs `authorization: Bearer <admin token>` metadata, and with
+    `require_protected` a TLS connection or a peer on this machine, so the token is never sent in clear text
+    over a network (docs/security.md)."""
 
     def __init__(
         self,
@@ -26,8 +30,9 @@ class ModelAdmin(admin_pb2_grpc.ModelAdminServicer):
         events,
         models_topic: str,
         ack_timeout_s: float = 10.0,
+        require_protected: bool = True,
     ) -> None:
-        self._token = admin_token
+        self._token, self._require_protected = admin_token, require_protected
         self.registry, self.follower, self.events = registry, follower, events
         self.models_topic, self.ack_timeout_s = models_topic, ack_timeout_s
         self._rollback_lock = asyncio.Lock()
@@ -49,6 +54,12 @@ class ModelAdmin(admin_pb2_grpc.ModelAdminServicer):
     # Serves an earlier version on every replica: LATEST moves back and a ROLLED_BACK event tells the others.
     async def Rollback(self, request: admin_pb2.RollbackRequest, context) -> admin_pb2.RollbackResponse:
         await self._authorize(context)
+        if len(request.version) > _MAX_VERSION_CHARS:  # the registry's message would echo all of it
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"version is {len(request.version)} characters; versions are named like 'v000001' "
+                "(see ListVersions)",
+            )
         async with self._rollback_lock:
             previous = self.follower.engine.version
             try:
@@ -88,6 +99,14 @@ class ModelAdmin(admin_pb2_grpc.ModelAdminServicer):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "ModelAdmin is disabled on this server; set RLHF_ADMIN_TOKEN to enable it",
+            )
+        if self._require_protected and not is_protected(context):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "ModelAdmin needs a TLS connection so the admin token is not sent in clear text; connect "
+                "with TLS (the server sets RLHF_TLS_CERT_FILE and RLHF_TLS_KEY_FILE), call from the server's "
+                "machine (e.g. kubectl port-forward), or set RLHF_ALLOW_INSECURE_ADMIN=true on a trusted "
+                "network; rotate the token if it crossed an untrusted one",
             )
         metadata = dict(context.invocation_metadata() or ())
         given = metadata.get("authorization", "")

@@ -27,7 +27,12 @@ from rlhf_online.inference import metrics
 from rlhf_online.inference.config import InferenceConfig
 from rlhf_online.inference.events import PublishError
 from rlhf_online.inference.limits import TokenBucket, VoteLedger
-from rlhf_online.inference.signing import InvalidResponseId, ResponseSigner, feedback_event_id
+from rlhf_online.inference.signing import (
+    InvalidResponseId,
+    ResponseSigner,
+    RetiredResponseId,
+    feedback_event_id,
+)
 from rlhf_online.inference.validation import (
     ChatLimits,
     RequestError,
@@ -84,17 +89,26 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
     ) -> AsyncIterator[chat_pb2.ChatChunk]:
         with _observed("ChatStream") as status:
             prepared = await self._prepare(request, context, status)
-            async for event in self._generate(prepared, context, status):
-                if isinstance(event, TextDelta):
-                    yield chat_pb2.ChatChunk(text=event.text)
-                else:
-                    response_id = self._publish_interaction(request, prepared, event)
-                    yield chat_pb2.ChatChunk(
-                        response_id=response_id,
-                        model_version=event.model_version,
-                        usage=_usage(event),
-                        finish_reason=event.finish_reason,
-                    )
+            async for item in self._answer(request, prepared, context, status):
+                yield chat_pb2.ChatChunk(text=item.text) if isinstance(item, TextDelta) else item
+
+    async def complete(
+        self,
+        request: chat_pb2.ChatRequest,
+        prompt: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        context,
+        method: str,
+    ) -> AsyncIterator[TextDelta | chat_pb2.ChatChunk]:
+        """Continues a prompt given as text (TGI's `inputs`: no chat template), with the engine, limits,
+        signing and events of ChatStream: TextDelta..., then the last ChatChunk (response id, version,
+        usage). `request` holds what the Interaction records besides (user_id; messages may be empty);
+        `context` needs `abort` like a grpc.aio context; `method` labels the metrics."""
+        with _observed(method) as status:
+            prepared = await self._submit(prompt, prompt_ids, params, context, status)
+            async for item in self._answer(request, prepared, context, status):
+                yield item
 
     # Records a rating once the broker has acknowledged it.
     async def SubmitFeedback(
@@ -104,6 +118,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             try:
                 check_feedback(request, self.config)
                 verified = self.signer.verify(request.response_id)
+            except RetiredResponseId as e:  # genuine but too old: retrying will not help
+                await _abort(context, status, RequestError(grpc.StatusCode.FAILED_PRECONDITION, str(e)))
             except InvalidResponseId as e:
                 await _abort(context, status, invalid(str(e)))
             except RequestError as e:
@@ -128,9 +144,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     ),
                 )
             event = _feedback_event(request, verified.model_version)
-            try:
-                await asyncio.to_thread(
-                    self.events.publish_acked,
+            try:  # holds no thread while the broker acknowledges (events.py)
+                await self.events.publish_acked_async(
                     self.topics.feedback,
                     request.response_id.encode(),
                     event.SerializeToString(),
@@ -154,6 +169,13 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             params = sampling_params(request.params, self.limits)
             prompt = render_prompt(self.engine.tokenizer, messages)
             prompt_ids = self.engine.encode_chat(messages)
+        except RequestError as e:
+            await _abort(context, status, e)
+        return await self._submit(prompt, prompt_ids, params, context, status)
+
+    async def _submit(self, prompt, prompt_ids, params, context, status) -> "_Prepared":
+        """Queues a prompt if it fits the context; aborts with RESOURCE_EXHAUSTED or UNAVAILABLE if not."""
+        try:
             check_prompt_fits(len(prompt_ids), params.max_new_tokens, self.engine.context_length)
             return _Prepared(prompt, prompt_ids, params, self.engine.submit(prompt_ids, params))
         except RequestError as e:
@@ -162,6 +184,20 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             await _abort(context, status, RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)))
         except EngineStopped as e:
             await _abort(context, status, RequestError(grpc.StatusCode.UNAVAILABLE, str(e)))
+
+    async def _answer(self, request, prepared: "_Prepared", context, status):
+        """The answer's TextDeltas, then its last ChatChunk once it is signed and published."""
+        async for event in self._generate(prepared, context, status):
+            if isinstance(event, TextDelta):
+                yield event
+            else:
+                response_id = self._publish_interaction(request, prepared, event)
+                yield chat_pb2.ChatChunk(
+                    response_id=response_id,
+                    model_version=event.model_version,
+                    usage=_usage(event),
+                    finish_reason=event.finish_reason,
+                )
 
     async def _generate(self, prepared: "_Prepared", context, status) -> AsyncIterator[TextDelta | Finished]:
         """The engine's events; the request leaves its batch if the caller goes away."""
@@ -172,7 +208,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                 yield event
         except EngineStopped as e:
             await _abort(
-                context, status, RequestError(grpc.StatusCode.UNAVAILABLE, f"server shutting down: {e}")
+                context, status, RequestError(grpc.StatusCode.UNAVAILABLE, f"generation stopped: {e}")
             )
         except RuntimeError as e:
             log.exception("generation failed")

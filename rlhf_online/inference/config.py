@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass, field
 
 from rlhf_online.config import ServiceConfig, grpc_port_field, metrics_port_field
+from rlhf_online.inference.signing import signer_from_settings
 
 
 @dataclass
@@ -41,7 +42,22 @@ class InferenceConfig(ServiceConfig):
             "per-process key (single replica only)."
         },
     )
+    signing_keys: str = field(
+        default="",
+        metadata={
+            "help": "Key rotation, in place of signing_key: 'id:secret,id:secret@retire_time,...', the first "
+            "signs, the others verify until their retire time (ISO 8601 with zone, or unix seconds). "
+            "signing_key alone is the key 'k0' (docs/security.md)."
+        },
+    )
     admin_token: str = field(default="", metadata={"help": "Bearer token for ModelAdmin; empty disables it."})
+    allow_insecure_admin: bool = field(
+        default=False,
+        metadata={
+            "help": "Serve ModelAdmin to remote peers over plaintext too. Off: ModelAdmin needs TLS, or a "
+            "peer on this machine, so the admin token never crosses a network in clear text."
+        },
+    )
     feedback_rate_per_s: float = field(
         default=2.0, metadata={"help": "Sustained ratings per second per user."}
     )
@@ -59,6 +75,25 @@ class InferenceConfig(ServiceConfig):
     shutdown_grace_s: float = field(
         default=10.0, metadata={"help": "Time in-flight requests get on SIGTERM."}
     )
+    tgi_port: int = field(
+        default=-1,
+        metadata={
+            "help": "Port of the TGI-compatible HTTP API (POST /generate, /generate_stream, /; GET /info, "
+            "/health; POST /feedback), on grpc_host. 0: any free port, -1: off."
+        },
+    )
+    backend: str = field(
+        default="local",
+        metadata={
+            "help": "local: generate with the in-process engine. tgi: send generation to the TGI-compatible "
+            "server at tgi_url (signing, events, feedback, limits and metrics stay here; the tokenizer "
+            "comes from base_model_dir, the model version from the server's /info)."
+        },
+    )
+    tgi_url: str = field(default="", metadata={"help": "Base URL of the TGI server for backend=tgi."})
+    tgi_timeout_s: float = field(
+        default=120.0, metadata={"help": "Longest one request to tgi_url may take, streaming included."}
+    )
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1:
@@ -72,3 +107,10 @@ class InferenceConfig(ServiceConfig):
             raise ValueError("default_temperature must be a finite number >= 0")
         if self.feedback_rate_per_s <= 0 or self.feedback_burst < 1:
             raise ValueError("feedback_rate_per_s must be > 0 and feedback_burst >= 1")
+        signer_from_settings(self.signing_key, self.signing_keys)  # raises saying what to fix
+        if self.backend not in ("local", "tgi"):
+            raise ValueError(f"backend is {self.backend!r}; use local or tgi")
+        if self.backend == "tgi" and not self.tgi_url.startswith(("http://", "https://")):
+            raise ValueError("backend tgi needs tgi_url, the TGI server's base URL (http://host:port)")
+        if self.tgi_timeout_s <= 0:
+            raise ValueError("tgi_timeout_s must be > 0")

@@ -9,8 +9,8 @@ metrics and shuts down gracefully on SIGTERM (health NOT_SERVING, in-flight requ
 """
 
 import asyncio
+import ipaddress
 import logging
-import secrets
 import signal
 import socket
 from dataclasses import dataclass
@@ -23,14 +23,18 @@ from prometheus_client import start_http_server
 
 from rlhf_online.bootstrap import ensure_initial_policy
 from rlhf_online.engine.engine import PolicyEngine, load_policy
+from rlhf_online.grpc_decoding import add_servicer
 from rlhf_online.inference.admin import ModelAdmin
 from rlhf_online.inference.chat import ChatService
 from rlhf_online.inference.config import InferenceConfig
 from rlhf_online.inference.events import KafkaEvents
 from rlhf_online.inference.follower import POLICY, ModelFollower
-from rlhf_online.inference.signing import ResponseSigner
-from rlhf_online.proto.rlhf.v1 import admin_pb2, admin_pb2_grpc, chat_pb2, chat_pb2_grpc
+from rlhf_online.inference.signing import ResponseSigner, format_time, random_signer, signer_from_settings
+from rlhf_online.inference.tgi_backend import TgiBackend
+from rlhf_online.inference.tgi_http import TgiHttp, local_model_info
+from rlhf_online.proto.rlhf.v1 import admin_pb2, chat_pb2
 from rlhf_online.registry import Registry
+from rlhf_online.tls import add_port, server_credentials
 from rlhf_online.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -47,17 +51,20 @@ class InferenceServer:
 
     server: grpc.aio.Server
     port: int
-    engine: PolicyEngine
+    engine: PolicyEngine | TgiBackend
     events: KafkaEvents
     follower: ModelFollower | None
     health: health.HealthServicer
     chat: ChatService
+    http: TgiHttp | None = None  # the TGI HTTP API, when tgi_port >= 0
+    tgi_port: int | None = None
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stops taking requests, lets in-flight ones finish within `grace_s`, then releases everything."""
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace_s)
+        http_stopped = self.http.stop() if self.http is not None else asyncio.sleep(0)
+        await asyncio.gather(self.server.stop(grace_s), http_stopped)
         if self.follower is not None:
             await asyncio.to_thread(self.follower.stop)
         await asyncio.to_thread(self.engine.stop)
@@ -66,6 +73,8 @@ class InferenceServer:
 
 async def create_server(config: InferenceConfig) -> InferenceServer:
     """Loads the serving policy version, connects to Kafka, starts the gRPC server on `config.grpc_port`."""
+    credentials = server_credentials(config)  # first: bad TLS files fail before the model loads
+    _warn_if_admin_exposed(config, tls=credentials is not None)
     replica = config.replica_id or socket.gethostname()
     topics = Topics(config.topic_prefix)
     registry = Registry(config.registry_dir)
@@ -73,26 +82,68 @@ async def create_server(config: InferenceConfig) -> InferenceServer:
         config.kafka_bootstrap, client_id=f"inference-{replica}", ack_timeout_s=config.feedback_ack_timeout_s
     )
     load = lambda path: load_policy(path, device=config.torch_device())  # noqa: E731
-    engine, follower = await asyncio.to_thread(_start_engine, config, registry, topics, load, replica)
+    if config.backend == "tgi":
+        engine, follower = await _connect_backend(config), None
+    else:
+        engine, follower = await asyncio.to_thread(_start_engine, config, registry, topics, load, replica)
     chat = ChatService(config, engine, events, _signer(config), topics)
     server = grpc.aio.server()
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
+    add_servicer(server, chat, chat_pb2.DESCRIPTOR.services_by_name["ChatService"])
     if follower is not None:
-        admin = ModelAdmin(config.admin_token, registry, follower, events, topics.models)
-        admin_pb2_grpc.add_ModelAdminServicer_to_server(admin, server)
+        admin = ModelAdmin(
+            config.admin_token,
+            registry,
+            follower,
+            events,
+            topics.models,
+            require_protected=not config.allow_insecure_admin,
+        )
+        add_servicer(server, admin, admin_pb2.DESCRIPTOR.services_by_name["ModelAdmin"])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
-    if port == 0:
-        raise OSError(f"cannot bind gRPC port {config.grpc_host}:{config.grpc_port}; is it taken?")
+    port = add_port(server, config.grpc_host, config.grpc_port, credentials)
     await server.start()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("inference serving policy %s on %s:%d", engine.version, config.grpc_host, port)
-    return InferenceServer(server, port, engine, events, follower, health_servicer, chat)
+    log.info(
+        "inference serving policy %s on %s:%d (%s)",
+        engine.version,
+        config.grpc_host,
+        port,
+        ("mutual TLS" if config.tls_client_ca_file else "TLS") if credentials else "plaintext",
+    )
+    http, tgi_port = await _start_tgi_http(config, chat)
+    return InferenceServer(server, port, engine, events, follower, health_servicer, chat, http, tgi_port)
+
+
+async def _connect_backend(config: InferenceConfig) -> TgiBackend:
+    return await TgiBackend.connect(
+        config.tgi_url,
+        config.base_model_dir,
+        timeout_s=config.tgi_timeout_s,
+        max_in_flight=config.max_batch_size + config.max_queue,
+    )
+
+
+async def _start_tgi_http(config: InferenceConfig, chat: ChatService) -> tuple[TgiHttp | None, int | None]:
+    """The TGI HTTP API on `tgi_port` (off when it is -1)."""
+    if config.tgi_port < 0:
+        return None, None
+    remote = chat.engine if isinstance(chat.engine, TgiBackend) else None
+    http = TgiHttp(
+        chat,
+        remote.model_info() if remote else local_model_info(config.torch_device()),
+        max_concurrent_requests=config.max_batch_size + config.max_queue,
+        max_batch_size=config.max_batch_size,
+        health_check=remote.healthy if remote else None,
+        shutdown_grace_s=config.shutdown_grace_s,
+    )
+    port = await http.start(config.grpc_host, config.tgi_port)
+    log.info("TGI HTTP API on http://%s:%d", config.grpc_host, port)
+    return http, port
 
 
 def _start_engine(config, registry, topics, load, replica) -> tuple[PolicyEngine, ModelFollower | None]:
@@ -125,13 +176,38 @@ def _start_engine(config, registry, topics, load, replica) -> tuple[PolicyEngine
 
 
 def _signer(config: InferenceConfig) -> ResponseSigner:
-    if config.signing_key:
-        return ResponseSigner(config.signing_key.encode())
+    signer = signer_from_settings(config.signing_key, config.signing_keys)
+    if signer is None:
+        log.warning(
+            "no signing key set: using a random one, so only this replica accepts ratings of its responses; "
+            "set RLHF_SIGNING_KEY to the same secret on every replica"
+        )
+        return random_signer()
+    signing, *previous = signer.keys
+    log.info("response ids signed with key %r", signing.key_id)
+    for key in previous:
+        until = format_time(key.retire_at) if key.retire_at is not None else "it leaves signing_keys"
+        log.info("response ids of key %r accepted until %s", key.key_id, until)
+    return signer
+
+
+def _warn_if_admin_exposed(config: InferenceConfig, *, tls: bool) -> None:
+    """ModelAdmin refuses remote plaintext calls (see ModelAdmin); says so at start, where operators look."""
+    if not config.admin_token or tls or config.allow_insecure_admin or _is_loopback(config.grpc_host):
+        return
     log.warning(
-        "no signing key set: using a random one, so only this replica accepts ratings of its responses; "
-        "set RLHF_SIGNING_KEY to the same secret on every replica"
+        "ModelAdmin is served without TLS on %s: it answers callers on this machine only (kubectl "
+        "port-forward works); set RLHF_TLS_CERT_FILE and RLHF_TLS_KEY_FILE, or "
+        "RLHF_ALLOW_INSECURE_ADMIN=true on a trusted network",
+        config.grpc_host,
     )
-    return ResponseSigner(secrets.token_bytes(32))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def serve(config: InferenceConfig) -> None:

@@ -13,6 +13,9 @@ from rlhf_online.inference.config import InferenceConfig
 from rlhf_online.proto.rlhf.v1 import chat_pb2
 
 ROLES = ("system", "user", "assistant")
+# Below this, logits / temperature overflows float32 (found by tests/test_fuzz_grpc.py: 1e-45 made the sampler
+# fail the whole batch); any temperature this low is greedy decoding in effect, which 0 asks for.
+MIN_TEMPERATURE = 1e-4
 
 
 class RequestError(Exception):
@@ -62,7 +65,7 @@ def chat_messages(request: chat_pb2.ChatRequest, limits: ChatLimits) -> list[tup
     pairs = []
     for i, message in enumerate(request.messages):
         if message.role not in ROLES:
-            raise invalid(f"messages[{i}].role is {message.role!r}; use one of {', '.join(ROLES)}")
+            raise invalid(f"messages[{i}].role is {_shown(message.role)}; use one of {', '.join(ROLES)}")
         if not message.content.strip():
             raise invalid(f"messages[{i}].content is empty; every message needs text")
         if len(message.content) > limits.max_content_chars:
@@ -84,11 +87,20 @@ def sampling_params(params: chat_pb2.GenerationParams, limits: ChatLimits) -> Sa
     temperature = params.temperature if params.HasField("temperature") else limits.default_temperature
     if not math.isfinite(temperature) or temperature < 0:
         raise invalid(f"params.temperature is {temperature}; use a finite number >= 0 (0 means greedy)")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise invalid(
+            f"params.temperature is {temperature:g}; use 0 for greedy decoding or at least {MIN_TEMPERATURE:g}"
+        )
     top_p = params.top_p if params.HasField("top_p") else 1.0
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise invalid(f"params.top_p is {top_p}; use a number in (0, 1], or leave it unset for 1.0")
     seed = params.seed if params.HasField("seed") else None
     return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """`text` quoted for an error message, cut at `limit` characters: a message never echoes a huge input."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def check_prompt_fits(prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
