@@ -16,7 +16,7 @@ import torch
 from prometheus_client import REGISTRY
 from transformers import AutoTokenizer, DynamicCache
 
-from rlhf_online.engine.batch import DecodeBatch, concatenate, decode_step, prefill, select
+from rlhf_online.engine.batch import DecodeBatch, attention_bias, concatenate, decode_step, prefill, select
 from rlhf_online.engine.engine import (
     EngineStopped,
     Finished,
@@ -112,6 +112,16 @@ def test_concatenate_left_pads_the_narrower_batch_and_masks_the_padding():
     assert joined.cache.layers[0].values[2, 0, :, 0].tolist() == [0.0, 0.0, -6.0]
     assert joined.mask.tolist() == [[1, 1, 1], [0, 1, 1], [0, 0, 1]]
     assert joined.next_tokens.tolist() == [0, 1, 0]
+
+
+def test_attention_bias_is_causal_and_closed_over_padding():
+    low = torch.finfo(torch.float32).min
+    bias = attention_bias(
+        torch.tensor([[0, 1, 1], [1, 1, 1]]), queries=2, dtype=torch.float32
+    )  # (2, 1, 2, 3)
+    assert bias[0, 0].tolist() == [[low, 0.0, low], [low, 0.0, 0.0]]
+    assert bias[1, 0].tolist() == [[0.0, 0.0, low], [0.0, 0.0, 0.0]]
+    assert attention_bias(torch.tensor([[0, 1]]), 1, torch.float32).tolist() == [[[[low, 0.0]]]]
 
 
 def test_select_drops_rows_and_the_columns_only_they_used():

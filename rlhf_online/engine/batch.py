@@ -8,7 +8,9 @@ cache stays as wide as its longest row. The same scheme as text-generation-infer
 `CausalLMBatch.concatenate`/`filter` (server/text_generation_server/models/causal_lm.py).
 
 Positions are given explicitly (each row counts from 0 at its first real token), so padding never shifts a
-row's rotary positions, and a row decodes the same tokens whatever else is in the batch.
+row's rotary positions, and a row decodes the same tokens whatever else is in the batch. For the sdpa and
+eager attention the 4D mask is built here (`attention_bias`): from a padded 2D mask, transformers 4.57 builds
+it with `torch.vmap`, which took half of every step on the tiny model on CPU.
 """
 
 from collections.abc import Sequence
@@ -54,7 +56,7 @@ def prefill(model, prompts: Sequence[Sequence[int]], pad_id: int, device: torch.
     # A cache without the config holds every layer in full, so each can be padded and sliced alike.
     out = model(
         input_ids=input_ids,
-        attention_mask=mask,
+        attention_mask=_model_mask(model, mask, input_ids.shape[1]),
         position_ids=position_ids(mask),
         past_key_values=DynamicCache(),
         use_cache=True,
@@ -74,7 +76,7 @@ def decode_step(model, batch: DecodeBatch) -> torch.Tensor:
     mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)  # (B, T + 1)
     out = model(
         input_ids=batch.next_tokens[:, None],
-        attention_mask=mask,
+        attention_mask=_model_mask(model, mask, 1),
         position_ids=positions,
         past_key_values=batch.cache,
         use_cache=True,
@@ -115,6 +117,25 @@ def concatenate(a: DecodeBatch, b: DecodeBatch) -> DecodeBatch:
     )
 
 
+def attention_bias(mask: torch.Tensor, queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive attention mask of the last `queries` of T positions: causal, and closed over padding.
+
+    Args:
+        mask: (B, T) 1 over real tokens, 0 over padding.
+    Returns:
+        (B, 1, queries, T): 0 where a query may attend, the dtype's minimum elsewhere (finite, so the query
+        rows of padding do not turn into NaN).
+    """
+    t = mask.shape[1]
+    keep = mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+    if queries > 1:
+        keep = keep & torch.ones((queries, t), dtype=torch.bool, device=mask.device).tril(
+            t - queries
+        )  # (Q, T)
+    bias = torch.zeros(keep.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill(~keep, torch.finfo(dtype).min)
+
+
 def check_cache(cache) -> None:
     """Raises TypeError unless every layer is a full DynamicLayer with keys (B, H, T, D), the layout the
     operations above pad and slice."""
@@ -128,6 +149,13 @@ def check_cache(cache) -> None:
             f"continuous batching needs a DynamicCache of full DynamicLayers, the model returned {kinds}; "
             "use a model whose forward accepts past_key_values=DynamicCache()"
         )
+
+
+def _model_mask(model, mask: torch.Tensor, queries: int) -> torch.Tensor:
+    """The 4D bias for the attentions that take one; the 2D mask for the others (flash attention)."""
+    if getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
+        return attention_bias(mask, queries, model.dtype)
+    return mask
 
 
 def _pad_columns(states: torch.Tensor, width: int) -> torch.Tensor:
