@@ -81,8 +81,12 @@ def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -
 def is_protected(context: grpc.aio.ServicerContext) -> bool:
     """True if the call came over TLS, or from this machine (loopback or a unix socket), so a secret in its
     metadata crossed no network in clear text. A TLS-terminating sidecar on loopback counts as local."""
-    security = context.auth_context().get("transport_security_type", [])
-    return b"ssl" in security or is_local_peer(context.peer())
+    return is_tls(context) or is_local_peer(context.peer())
+
+
+def is_tls(context: grpc.aio.ServicerContext) -> bool:
+    """True if the call came over a TLS connection."""
+    return b"ssl" in context.auth_context().get("transport_security_type", [])
 
 
 def is_local_peer(peer: str) -> bool:
