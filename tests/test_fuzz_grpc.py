@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
+from rlhf_online.grpc_decoding import RateLimitedLog
 from rlhf_online.inference.config import InferenceConfig
 from rlhf_online.inference.server import create_server
 from rlhf_online.inference.validation import ChatLimits, RequestError, sampling_params
@@ -155,6 +156,36 @@ async def test_unparseable_bytes_get_invalid_argument_counted_not_traced(port, c
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     lines = [r for r in caplog.records if r.name == "rlhf_online.grpc_decoding"]
     assert len(lines) <= 1  # 22 malformed requests, at most one (rate-limited) log line
+
+
+async def test_a_request_over_the_size_limit_gets_resource_exhausted(port):
+    def body(channel):
+        huge = ask("x" * (5 << 20)).SerializeToString()  # 5 MiB, over gRPC's 4 MiB default
+        code, details = call(channel, "/rlhf.v1.ChatService/Chat", huge)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+
+    await run_in_thread(port, body)
+
+
+def test_rate_limited_log_says_how_many_lines_it_left_out(caplog):
+    clock = Clock()
+    lines = RateLimitedLog(logging.getLogger("test.ratelimited"), interval_s=10.0, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="test.ratelimited"):
+        logged = [lines.warning("bad request %d", i) for i in range(5)]
+        clock.now = 10.0
+        logged.append(lines.warning("bad request %d", 5))
+    assert logged == [True, False, False, False, False, True]
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad request 0 (0 more not logged since the last such line)",
+        "bad request 5 (4 more not logged since the last such line)",
+    ]
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 # ---- random and mutated bytes -----------------------------------------------------------------------------
