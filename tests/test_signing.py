@@ -7,6 +7,7 @@ same through a real server.
 import pytest
 
 from rlhf_online.inference.config import InferenceConfig
+from rlhf_online.inference.server import create_server
 from rlhf_online.inference.signing import (
     InvalidResponseId,
     ResponseSigner,
@@ -120,10 +121,13 @@ def test_a_malformed_entry_does_not_echo_its_secret():
     assert "entry 2" in str(info.value) and OLD not in str(info.value)
 
 
-def test_config_refuses_both_settings_and_bad_keys_at_parse_time():
+def test_settings_refuse_both_forms_at_once():
     with pytest.raises(ValueError, match="not both"):
-        InferenceConfig(signing_key=OLD, signing_keys=f"k1:{NEW}")
-    with pytest.raises(ValueError, match="at least 16 bytes"):
-        InferenceConfig(signing_keys="k1:tiny")
-    assert InferenceConfig(signing_keys=f"k1:{NEW},k0:{OLD}@1").signing_keys
+        signer_from_settings(OLD, f"k1:{NEW}")
     assert signer_from_settings("", "") is None
+
+
+async def test_the_server_refuses_bad_keys_before_loading_anything(tmp_path):
+    config = InferenceConfig(registry_dir=str(tmp_path), signing_keys="k1:tiny")
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        await create_server(config)

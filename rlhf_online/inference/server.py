@@ -73,7 +73,8 @@ class InferenceServer:
 
 async def create_server(config: InferenceConfig) -> InferenceServer:
     """Loads the serving policy version, connects to Kafka, starts the gRPC server on `config.grpc_port`."""
-    credentials = server_credentials(config)  # first: bad TLS files fail before the model loads
+    credentials = server_credentials(config)  # first: bad TLS files or keys fail before the model loads
+    signer = _signer(config)
     _warn_if_admin_exposed(config, tls=credentials is not None)
     replica = config.replica_id or socket.gethostname()
     topics = Topics(config.topic_prefix)
@@ -86,7 +87,7 @@ async def create_server(config: InferenceConfig) -> InferenceServer:
         engine, follower = await _connect_backend(config), None
     else:
         engine, follower = await asyncio.to_thread(_start_engine, config, registry, topics, load, replica)
-    chat = ChatService(config, engine, events, _signer(config), topics)
+    chat = ChatService(config, engine, events, signer, topics)
     server = grpc.aio.server()
     add_servicer(server, chat, chat_pb2.DESCRIPTOR.services_by_name["ChatService"])
     if follower is not None:

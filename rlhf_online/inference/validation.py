@@ -89,7 +89,8 @@ def sampling_params(params: chat_pb2.GenerationParams, limits: ChatLimits) -> Sa
         raise invalid(f"params.temperature is {temperature}; use a finite number >= 0 (0 means greedy)")
     if 0 < temperature < MIN_TEMPERATURE:
         raise invalid(
-            f"params.temperature is {temperature:g}; use 0 for greedy decoding or at least {MIN_TEMPERATURE:g}"
+            f"params.temperature is {temperature:g}; use 0 for greedy decoding or at least "
+            f"{MIN_TEMPERATURE:g}"
         )
     top_p = params.top_p if params.HasField("top_p") else 1.0
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
