@@ -4,6 +4,9 @@ from dataclasses import dataclass, field
 
 from rlhf_online.config import ServiceConfig, grpc_port_field, metrics_port_field
 
+# How a reward model reads an answer (reward/model.py says what each does).
+POOLINGS = ("response_mean", "last", "response_features")
+
 
 @dataclass
 class RewardConfig(ServiceConfig):
@@ -33,6 +36,14 @@ class RewardConfig(ServiceConfig):
         metadata={
             "help": "keep only the bottom N transformer blocks of the base model in a new reward model "
             "(-1: all; 0: embeddings and head only, a bag-of-tokens scorer)"
+        },
+    )
+    pooling: str = field(
+        default="response_mean",
+        metadata={
+            "help": "how a new reward model reads the answer: response_mean (per-token scores averaged), "
+            "response_features (mean, max, first and last token, length; sees starts, ends and length), "
+            "last (the last token, Hugging Face's own)"
         },
     )
     seed: int = field(default=0, metadata={"help": "seed of the head init, replay sampling and batching"})
@@ -90,6 +101,7 @@ class RewardConfig(ServiceConfig):
             (self.max_length >= 8, "--max-length must be at least 8 tokens"),
             (self.trainable_layers >= -1, "--trainable-layers must be -1 (all) or >= 0"),
             (self.backbone_layers >= -1, "--backbone-layers must be -1 (all) or >= 0"),
+            (self.pooling in POOLINGS, f"--pooling must be one of {', '.join(POOLINGS)}"),
             (self.learning_rate > 0, "--learning-rate must be > 0"),
             (self.update_every_examples >= 1, "--update-every-examples must be >= 1"),
             (self.update_interval_s > 0, "--update-interval-s must be > 0"),

@@ -12,12 +12,16 @@ top `trainable_layers` transformer blocks, the final norm and the head learn.
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
+
+from rlhf_online.reward.config import POOLINGS
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,51 @@ REWARD_CONFIG = "reward_config.json"
 # preference that is a property of the whole answer (its characters, words, tone) is then a mean of
 # per-token terms, which a scalar head learns from a few hundred ratings; reading it off one token needs the
 # upper layers to learn to aggregate first, which took thousands of ratings with the tiny model.
-POOLINGS = ("response_mean", "last")
+# "response_features": the answer's hidden states pooled five ways (mean: shares of a kind of token; max:
+# presence or absence of one; first and last token: how it starts and ends; its length) and scored by one
+# linear layer. Mean pooling alone cannot see where a token stands or how long the answer is, so it fails
+# every preference about starts, ends and length (benchmarks/reward_suite.py).
+FEATURE_HEAD_FILE = "feature_head.safetensors"
+
+
+LENGTH_FREQUENCIES = 32  # sinusoids that encode the answer's length in tokens
+
+
+def length_encoding(count: torch.Tensor, max_length: int) -> torch.Tensor:
+    """Sinusoids (B, 2F) of token counts (B,), periods from 2 tokens to 4 * max_length (as positional
+    encodings do for positions, Vaswani et al. 2017): a linear layer on them can prefer any band of lengths,
+    and a change of one token moves many of them, so it is learnt as fast as the other features."""
+    periods = torch.logspace(
+        math.log10(2.0), math.log10(4.0 * max_length), LENGTH_FREQUENCIES, device=count.device
+    )  # (F,)
+    angles = 2 * math.pi * count.to(torch.float32).unsqueeze(-1) / periods  # (B, F)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (B, 2F)
+
+
+class ResponseFeatures(nn.Module):
+    """The "response_features" head: [mean, max, first, last, length] of the answer -> a score."""
+
+    def __init__(self, hidden_size: int, max_length: int) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.linear = nn.Linear(4 * hidden_size + 2 * LENGTH_FREQUENCIES, 1)
+        nn.init.zeros_(self.linear.weight)  # every answer starts at the same score: no preference yet
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) from hidden states (B, T, H) and the answer's mask (B, T)."""
+        mask = response_mask.bool()  # (B, T)
+        count = mask.sum(dim=1)  # (B,)
+        weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        mean = (hidden * weights).sum(dim=1) / count.clamp(min=1).unsqueeze(-1)  # (B, H)
+        peak = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)  # (B, H)
+        peak = torch.where(count.unsqueeze(-1) > 0, peak, torch.zeros_like(peak))  # an empty answer: 0
+        rows = torch.arange(hidden.shape[0], device=hidden.device)  # (B,)
+        first_at = mask.to(torch.int8).argmax(dim=1)  # (B,) first answer token (0 for an empty answer)
+        last_at = mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)  # (B,)
+        length = length_encoding(count, self.max_length).to(hidden.dtype)  # (B, 2F)
+        features = [mean, peak, hidden[rows, first_at], hidden[rows, last_at], length]
+        return self.linear(torch.cat(features, dim=-1)).squeeze(-1)  # (B,)
 
 
 class RewardModel(nn.Module):
@@ -42,12 +90,10 @@ class RewardModel(nn.Module):
         pooling: str = "response_mean",
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling is {pooling!r}; use one of {', '.join(POOLINGS)}")
         self.backbone = backbone
         self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.pooling = pooling
+        self.feature_head: ResponseFeatures | None = None
+        self.configure(max_length, pooling)
         # Trained with class-balanced weights, the head predicts the logit under equal priors; adding
         # log(n_up / n_down) restores P(up) under the observed ratio (prior correction, King & Zeng 2001).
         self.prior_logit = prior_logit
@@ -58,6 +104,14 @@ class RewardModel(nn.Module):
                     "the tokenizer has neither a pad nor an eos token; set pad_token in the base model"
                 )
             backbone.config.pad_token_id = pad
+
+    def configure(self, max_length: int, pooling: str) -> None:
+        """Sets the token cap and the pooling; a "response_features" head starts at zero (no preference)."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling is {pooling!r}; use one of {', '.join(POOLINGS)}")
+        self.max_length, self.pooling = max_length, pooling
+        hidden = self.backbone.config.hidden_size
+        self.feature_head = ResponseFeatures(hidden, max_length) if pooling == "response_features" else None
 
     @property
     def device(self) -> torch.device:
@@ -103,6 +157,8 @@ class RewardModel(nn.Module):
         if self.pooling == "last":
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]  # (B,)
         hidden = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
+        if self.feature_head is not None:
+            return self.feature_head(hidden, response_mask)  # (B,)
         per_token = self.backbone.score(hidden).squeeze(-1)  # (B, T)
         # An empty answer has no tokens to average: it is scored by its last token (the eos, or the prompt's).
         last = attention_mask.sum(dim=1) - 1  # (B,)
@@ -142,6 +198,8 @@ class RewardModel(nn.Module):
         self.tokenizer.save_pretrained(path)
         settings = {"max_length": self.max_length, "prior_logit": self.prior_logit, "pooling": self.pooling}
         (path / REWARD_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
+        if self.feature_head is not None:
+            save_file(self.feature_head.state_dict(), path / FEATURE_HEAD_FILE)
 
 
 def load_reward_model(path: str | Path, device: str = "cpu") -> RewardModel:
@@ -160,6 +218,8 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> RewardModel:
         prior_logit=float(settings.get("prior_logit", 0.0)),
         pooling=str(settings.get("pooling", "last" if settings else "response_mean")),
     )
+    if model.feature_head is not None and (path / FEATURE_HEAD_FILE).exists():
+        model.feature_head.load_state_dict(load_file(path / FEATURE_HEAD_FILE))
     return model.to(device)
 
 
@@ -181,12 +241,11 @@ def init_reward_model(
         model = load_reward_model(base_dir, device=device)
     finally:
         hf_logging.set_verbosity(verbosity)
-    model.max_length = max_length
-    model.pooling = pooling
+    model.configure(max_length, pooling)
     if layers >= 0:
         keep_bottom_layers(model, layers)
     log.info("new reward model: %s with a new scalar head (%.2fM parameters)", base_dir, _millions(model))
-    return model
+    return model.to(device)
 
 
 def keep_bottom_layers(model: RewardModel, layers: int) -> None:
