@@ -16,13 +16,14 @@ verifies, or a new reward model from the base model when there is none.
 import json
 import logging
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf_online.contract import POLICY, REWARD
+from rlhf_online.contract import POLICY, REWARD, RewardFigure
 from rlhf_online.registry import Manifest, Registry, RegistryError
 from rlhf_online.reward.config import RewardConfig
 from rlhf_online.reward.learner import LearnerSettings, LearnerState, OnlineLearner
@@ -36,6 +37,12 @@ REPLAY = "replay.jsonl"
 HELDOUT = "heldout.jsonl"
 OPTIMIZER = "optimizer.pt"
 STATE = "learner_state.json"
+_HELDOUT_FIGURES = {  # RewardFigure name -> key of `OnlineLearner.evaluate()`
+    RewardFigure.HELDOUT_ACCURACY: "accuracy",
+    RewardFigure.HELDOUT_AUC: "auc",
+    RewardFigure.HELDOUT_LOG_LOSS: "log_loss",
+    RewardFigure.HELDOUT_N: "n",
+}
 
 
 @dataclass
@@ -111,7 +118,19 @@ def _init(base: str | Path, config: RewardConfig) -> RewardModel:
         seed=config.seed,
         device=config.torch_device(),
         layers=config.backbone_layers,
+        pooling=config.pooling,
     )
+
+
+def figures(learner: OnlineLearner, heldout: Mapping[str, float]) -> dict[str, float]:
+    """A checkpoint's metrics (its manifest's and its ModelEvent's), by `RewardFigure` names: the held-out
+    figures of the model it holds (none before the first held-out example), and the lineage's totals, in every
+    one (the trainer counts new ratings by RATINGS_APPLIED)."""
+    return {
+        **{name: float(heldout[key]) for name, key in _HELDOUT_FIGURES.items() if heldout},
+        RewardFigure.RATINGS_APPLIED: float(len(learner.applied)),
+        RewardFigure.UPDATES: float(learner.updates),
+    }
 
 
 def publish_checkpoint(

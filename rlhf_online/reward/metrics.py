@@ -1,6 +1,11 @@
 """Prometheus metrics of the reward service (default registry, served by `start_http_server`)."""
 
+import logging
+
+from kafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
 
 RECORDS = Counter("rlhf_reward_records_total", "Kafka records consumed", ["topic"])
 EXAMPLES = Counter(
@@ -43,3 +48,44 @@ CHECKPOINT_SECONDS = Histogram(
     buckets=(0.1, 0.3, 1, 3, 10, 30, 100),
 )
 COMMITTED = Counter("rlhf_reward_offset_commits_total", "Offset commits after a checkpoint")
+
+
+def observe_update(stats: dict[str, float], elapsed_s: float) -> None:
+    """One update's count, wall time and loss parts."""
+    UPDATES.inc()
+    UPDATE_SECONDS.observe(elapsed_s)
+    for part in ("loss", "pointwise_loss", "pairwise_loss"):
+        if part in stats:
+            LOSS.labels(part).set(stats[part])
+
+
+def observe_heldout(figures: dict[str, float]) -> None:
+    """The figures of `OnlineLearner.evaluate()`."""
+    HELDOUT_ACCURACY.set(figures["accuracy"])
+    HELDOUT_AUC.set(figures["auc"])
+    HELDOUT_LOG_LOSS.set(figures["log_loss"])
+    HELDOUT_SIZE.set(figures["n"])
+
+
+def observe_checkpoint(version: str, elapsed_s: float, ratings_per_s: float) -> None:
+    CHECKPOINTS.inc()
+    CHECKPOINT_VERSION.set(int(version[1:]))
+    CHECKPOINT_SECONDS.observe(elapsed_s)
+    EXAMPLES_PER_SECOND.set(ratings_per_s)
+
+
+def export_lag(consumer) -> None:
+    """End offset minus position of the consumer's partitions, summed per topic (skipped if unavailable)."""
+    assigned = list(consumer.assignment())
+    if not assigned:
+        return
+    try:
+        ends = consumer.end_offsets(assigned)
+        lag: dict[str, int] = {}
+        for tp in assigned:
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, ends[tp] - consumer.position(tp))
+    except KafkaError as e:
+        log.debug("consumer lag not available: %s", e)
+        return
+    for topic, n in lag.items():
+        CONSUMER_LAG.labels(topic).set(n)

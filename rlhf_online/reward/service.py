@@ -5,17 +5,17 @@
     service.wait_until(lambda s: s.examples_applied >= 100, timeout_s=60)
     service.stop()                   # applies what waits, publishes a checkpoint, commits, exits
 
-The loop (one thread; a kafka-python consumer is not thread-safe):
-1. polls `rlhf.interactions` and `rlhf.feedback` (one consumer group, range assignment, so partition p of both
-   topics lands on the same consumer); records that cannot be parsed go to `rlhf.feedback.dlq`;
-2. drops a rating whose event_id this lineage has seen (the one duplicate check), joins the rest by
-   response_id (`JoinBuffer`) and admits each joined rating to the learner (`OnlineLearner`);
-3. updates the model every N examples or T seconds, evaluating the held-out window every few updates;
-4. every K updates: applies what waits, makes the dead letters durable, publishes a reward checkpoint
-   (model, applied event_ids, replay buffer, offsets it includes), commits exactly those offsets, announces
-   the version on `rlhf.models`. `OffsetBook` keeps the offsets below anything still buffered. A crash between
-   two checkpoints replays from the last one: events it applied are skipped by event_id, the others are
-   applied once (promise 2).
+The loop (one thread; a kafka-python consumer is not thread-safe), per record:
+1. parse it (a record that cannot be used goes to `rlhf.feedback.dlq`);
+2. drop a rating whose event_id this lineage has seen or is holding (the one duplicate check);
+3. join by response_id (`JoinBuffer`; partition p of both topics lands on the same consumer by range
+   assignment) and admit each joined rating to the learner (`OnlineLearner`);
+4. update the model every N examples or T seconds, evaluating the held-out window every few updates;
+5. every K updates, checkpoint: apply what waits, make the dead letters durable, publish a reward version
+   (model, applied event_ids, replay buffer, and the offsets below anything still buffered, from
+   `OffsetBook`), commit exactly those offsets, announce it on `rlhf.models`.
+A crash between two checkpoints replays from the last one: events it applied are skipped by event_id, the
+others are applied once (promise 2).
 """
 
 import logging
@@ -30,17 +30,18 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from rlhf_online import contract
-from rlhf_online.broker.clients import make_consumer, make_producer
-from rlhf_online.contract import REWARD, RewardFigure
+from rlhf_online.broker.clients import make_consumer, make_producer, wait_for_partitions
+from rlhf_online.contract import REWARD
 from rlhf_online.health import HealthServer
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Manifest, Registry
 from rlhf_online.reward import checkpoint, metrics
 from rlhf_online.reward.config import RewardConfig
+from rlhf_online.reward.dead_letters import DeadLetterOutbox, source_topic
 from rlhf_online.reward.join import FEEDBACK, INTERACTIONS, DeadLetter, JoinBuffer, JoinOutput
-from rlhf_online.reward.learner import HELDOUT, TRAIN, OnlineLearner, UpdateResult
+from rlhf_online.reward.learner import HELDOUT, TRAIN, OnlineLearner
 from rlhf_online.reward.offsets import OffsetBook
-from rlhf_online.reward.records import BadRecord, LabelledExample, parse_feedback, parse_interaction
+from rlhf_online.reward.records import BadRecord, parse_feedback, parse_interaction
 from rlhf_online.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -68,51 +69,50 @@ class RewardService:
         )
         self.learner: OnlineLearner | None = None  # restored or initialised on start
         self.version: str | None = None  # last published (or restored) reward version
-        self.offsets = OffsetBook()  # replaced by the restored lineage's on start
+        self.offsets = OffsetBook()  # the restored lineage's, from start on
         self.grpc_port: int | None = None
         # Progress, for tests and the closing figures.
         self.records_consumed = 0
         self.examples_applied = 0  # trained + held-out, this process
         self.duplicates = 0
-        self.dead_letters = 0
         self.checkpoints_published = 0
         self.eval_history: list[dict[str, float]] = []  # {"examples_seen", "updates", "accuracy", ...}
         self.latencies_s: deque[float] = deque(maxlen=100_000)  # rating timestamp -> end of its update
         self.error: BaseException | None = None
         self._stop = threading.Event()
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._health: HealthServer | None = None
-        self._consumer = None
-        self._producer = None
-        self._dlq_futures: list = []
+        self._consumer = self._producer = self._dlq = None
         self._dirty = False  # something happened since the last checkpoint
         self._updates_since_checkpoint = 0
         self._last_checkpoint_at = time.monotonic()
         self._applied_at_checkpoint = 0
         self._recent_latencies: list[float] = []
         self._last_lag_at = 0.0
-        self._cond = threading.Condition()
+
+    @property
+    def dead_letters(self) -> int:
+        return self._dlq.sent if self._dlq is not None else 0
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Restores the reward lineage, serves health, subscribes, and starts the loop thread."""
+        """Restores the reward lineage, subscribes, serves health, and starts the loop thread."""
         self.config.apply_torch_threads()
         lineage = checkpoint.restore_or_init(self.registry, self.config)
         self.learner, self.version = lineage.learner, lineage.version
         self.offsets = OffsetBook(lineage.offsets)
         self._applied_at_checkpoint = len(self.learner.applied)
+        self._connect()
         self._health = HealthServer(self.config.grpc_port, host=self.config.grpc_host)
         self.grpc_port = self._health.port
-        self._connect()
         self._thread = threading.Thread(target=self._run, name="reward-loop", daemon=True)
         self._thread.start()
         self._health.set_serving(True)
         log.info(
-            "reward service started: version %s, %s + %s, group %s, gRPC health on port %d",
+            "reward service started: version %s, group %s, gRPC health on port %d",
             self.version or "(new)",
-            self.topics.interactions,
-            self.topics.feedback,
             self.group_id,
             self.grpc_port,
         )
@@ -146,8 +146,11 @@ class RewardService:
         return self._thread is not None and self._thread.is_alive()
 
     def _connect(self) -> None:
+        """Producer, and a consumer subscribed once it knows both topics' partitions: kafka-python 3.0 can
+        otherwise join with no partitions of a just-created topic and, by a race, never rejoin."""
         c = self.config
         self._producer = make_producer(c.kafka_bootstrap, client_id=f"{c.client_id}-producer")
+        self._dlq = DeadLetterOutbox(self._producer, self.topics)
         self._consumer = make_consumer(
             c.kafka_bootstrap,
             group_id=self.group_id,
@@ -155,7 +158,23 @@ class RewardService:
             partition_assignment_strategy=(RangePartitionAssignor,),
             max_poll_records=_MAX_POLL_RECORDS,
         )
-        self._consumer.subscribe([self.topics.interactions, self.topics.feedback], listener=_Rebalance(self))
+        topics = [self.topics.interactions, self.topics.feedback]
+        for topic in topics:
+            wait_for_partitions(self._consumer, topic)  # raises, naming the fix, if the topic does not exist
+        self._consumer.subscribe(topics, listener=_Rebalance(self))
+        log.info("consuming %s", " + ".join(topics))
+
+    def _close_clients(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close(autocommit=False)
+            except Exception as e:
+                log.warning("closing the consumer: %s", e)
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=10)
+            except Exception as e:
+                log.warning("closing the producer: %s", e)
 
     # ---- the loop -----------------------------------------------------------------------------------------
 
@@ -175,7 +194,7 @@ class RewardService:
                 self._cond.notify_all()
 
     def _step(self) -> None:
-        """One poll: each record, then whatever update and checkpoint it made due; then the gauges."""
+        """One poll: each record, then the update and checkpoint it made due; then the gauges."""
         batches = self._consumer.poll(timeout_ms=100, max_records=_MAX_POLL_RECORDS)
         for tp, records in batches.items():
             for record in records:
@@ -204,7 +223,7 @@ class RewardService:
         else:
             self._absorb(tp.partition, out)
             return
-        self._dead_letter(DeadLetter(side, tp.partition, record.offset, record.key, record.value, reason))
+        self._dlq.send(DeadLetter(side, tp.partition, record.offset, record.key, record.value, reason))
 
     def _join(self, side: str, partition: int, record) -> JoinOutput:
         """Parses the record and joins it; a rating this lineage has seen is counted and goes no further."""
@@ -218,30 +237,37 @@ class RewardService:
         return self.join.add_feedback(partition, record.offset, feedback, record.key, record.value)
 
     def _absorb(self, partition: int, out: JoinOutput) -> None:
-        """Books what the join holds and let go of, admits the joined ratings, sends the dead letters."""
+        """Books what the join holds and let go of; admits the joined ratings; sends the dead letters.
+
+        Held-out examples count as applied at once; a training one keeps its rating's offset uncommitted
+        until an update applies it."""
         for place in out.held:
-            self.offsets.hold(self._topic_partition(place.side, partition), place.offset)
+            self.offsets.hold(self._partition_of(place.side, partition), place.offset)
         for place in out.released:
-            self.offsets.release(self._topic_partition(place.side, partition), place.offset)
-        ratings = self._topic_partition(FEEDBACK, partition)
+            self.offsets.release(self._partition_of(place.side, partition), place.offset)
+        ratings = self._partition_of(FEEDBACK, partition)
         for example, offset in zip(out.examples, out.rating_offsets, strict=True):
-            self._admit(example, ratings, offset)
+            split = self.learner.add(example)  # never None (a duplicate): `_join` dropped those
+            if split == TRAIN:
+                self.offsets.await_update(example.event_id, ratings, offset)
+            elif split == HELDOUT:
+                self.examples_applied += 1
+            metrics.EXAMPLES.labels(split).inc()
         for dead in out.dead:
-            self._dead_letter(dead)
+            self._dlq.send(dead)
         for event, n in self.join.counts.items():
-            if n:
-                metrics.JOIN_EVENTS.labels(event).inc(n)
+            metrics.JOIN_EVENTS.labels(event).inc(n)
         self.join.counts.clear()
 
-    def _admit(self, example: LabelledExample, tp: TopicPartition, offset: int) -> None:
-        """Held-out examples are applied at once; training ones keep their offset uncommitted till applied."""
-        split = self.learner.add(example)  # never a duplicate: `_join` dropped those
-        if split == TRAIN:
-            self.offsets.await_update(example.event_id, tp, offset)
-        elif split == HELDOUT:
-            self.examples_applied += 1
-        if split is not None:
-            metrics.EXAMPLES.labels(split).inc()
+    def _partition_of(self, side: str, partition: int) -> TopicPartition:
+        return TopicPartition(source_topic(self.topics, side), partition)
+
+    def _export_gauges(self) -> None:
+        metrics.JOIN_BUFFER.labels("interactions").set(self.join.n_interactions)
+        metrics.JOIN_BUFFER.labels("feedback").set(self.join.n_waiting)
+        if time.monotonic() - self._last_lag_at >= _LAG_EVERY_S:
+            self._last_lag_at = time.monotonic()
+            metrics.export_lag(self._consumer)
 
     # ---- updates and evaluation ---------------------------------------------------------------------------
 
@@ -257,17 +283,12 @@ class RewardService:
             self._checkpoint()
 
     def _update(self) -> None:
+        """One update of the oldest waiting examples; releases their offsets and records their latency."""
         started = time.monotonic()
         result = self.learner.update(max_examples=self.config.update_every_examples)
         if result is None:
             return
-        self._record_update(result, time.monotonic() - started)
-        if self.learner.updates % self.config.eval_every_updates == 0:
-            self._evaluate()
-
-    def _record_update(self, result: UpdateResult, elapsed_s: float) -> None:
-        """Releases the applied ratings' offsets; counts, latencies and loss figures of one update."""
-        now_ms = contract.now_ms()
+        elapsed_s, now_ms = time.monotonic() - started, contract.now_ms()
         for ex in result.examples:
             self.offsets.updated(ex.event_id)
             latency = max(0.0, (now_ms - ex.timestamp_ms) / 1000)
@@ -276,56 +297,32 @@ class RewardService:
             metrics.RATING_TO_UPDATE.observe(latency)
         self.examples_applied += len(result.examples)
         self._updates_since_checkpoint += 1
-        metrics.UPDATES.inc()
-        metrics.UPDATE_SECONDS.observe(elapsed_s)
-        for part in ("loss", "pointwise_loss", "pairwise_loss"):
-            if part in result.stats:
-                metrics.LOSS.labels(part).set(result.stats[part])
+        metrics.observe_update(result.stats, elapsed_s)
         log.debug("update %d: %s in %.2fs", self.learner.updates, result.stats, elapsed_s)
+        if self.learner.updates % self.config.eval_every_updates == 0:
+            self._evaluate()
 
     def _evaluate(self) -> dict[str, float]:
         """Held-out accuracy, AUC, log-loss and n of the model now ({} with no held-out example yet)."""
         figures = self.learner.evaluate()
         if not figures:
             return {}
-        seen = len(self.learner.applied)
-        self.eval_history.append(
-            {"examples_seen": float(seen), "updates": float(self.learner.updates), **figures}
-        )
-        metrics.HELDOUT_ACCURACY.set(figures["accuracy"])
-        metrics.HELDOUT_AUC.set(figures["auc"])
-        metrics.HELDOUT_LOG_LOSS.set(figures["log_loss"])
-        metrics.HELDOUT_SIZE.set(figures["n"])
+        seen, updates = len(self.learner.applied), self.learner.updates
+        self.eval_history.append({"examples_seen": float(seen), "updates": float(updates), **figures})
+        metrics.observe_heldout(figures)
         log.info(
             "held-out after %d ratings (%d updates): accuracy %.3f, AUC %.3f, log-loss %.3f on %d",
-            seen,
-            self.learner.updates,
-            figures["accuracy"],
-            figures["auc"],
-            figures["log_loss"],
-            int(figures["n"]),
+            *(seen, updates, figures["accuracy"], figures["auc"], figures["log_loss"], int(figures["n"])),
         )
         return figures
 
-    def _figures(self) -> dict[str, float]:
-        """The checkpoint's metrics (`RewardFigure` names): held-out figures of the model it holds (the last
-        evaluation if nothing changed since), and the lineage's totals, which every reward event carries."""
+    def _heldout_now(self) -> dict[str, float]:
+        """The last evaluation if the model has not changed since, else a new one."""
         last = self.eval_history[-1] if self.eval_history else {}
-        current = last.get("updates") == self.learner.updates and last.get("examples_seen") == len(
-            self.learner.applied
-        )
-        heldout = last if current else self._evaluate()
-        names = {
-            RewardFigure.HELDOUT_ACCURACY: "accuracy",
-            RewardFigure.HELDOUT_AUC: "auc",
-            RewardFigure.HELDOUT_LOG_LOSS: "log_loss",
-            RewardFigure.HELDOUT_N: "n",
-        }
-        return {
-            **{figure: heldout[key] for figure, key in names.items() if heldout},
-            RewardFigure.RATINGS_APPLIED: float(len(self.learner.applied)),
-            RewardFigure.UPDATES: float(self.learner.updates),
-        }
+        seen, updates = float(len(self.learner.applied)), float(self.learner.updates)
+        if (last.get("examples_seen"), last.get("updates")) == (seen, updates):
+            return last
+        return self._evaluate()
 
     # ---- checkpoints and offsets --------------------------------------------------------------------------
 
@@ -336,28 +333,28 @@ class RewardService:
         started = time.monotonic()
         while self.learner.pending:  # the one drain: a checkpoint includes every example admitted so far
             self._update()
-        self._flush_dead_letters()
+        self._dlq.flush()
         offsets = self.offsets.committable()
         manifest = checkpoint.publish_checkpoint(
             self.registry,
             self.learner,
             parent_version=self.version,
             offsets=offsets,
-            metrics=self._figures(),
+            metrics=checkpoint.figures(self.learner, self._heldout_now()),
             extra={"group_id": self.group_id, "topic_prefix": self.config.topic_prefix},
         )
         self.version = manifest.version
         self.offsets.published(offsets)
         self._commit(offsets)
-        self._count_checkpoint(manifest, time.monotonic() - started, final)
+        self._log_checkpoint(manifest, time.monotonic() - started, final)
         self._announce(manifest)
         if self.config.keep_versions > 0:
             self.registry.retain(REWARD, self.config.keep_versions)
 
-    def _count_checkpoint(self, manifest: Manifest, elapsed_s: float, final: bool) -> None:
+    def _log_checkpoint(self, manifest: Manifest, elapsed_s: float, final: bool) -> None:
         """Metrics and one log line per checkpoint, with the rate and latency since the previous one."""
         applied = manifest.extra["applied_events"]
-        new = applied - self._applied_at_checkpoint
+        new, self._applied_at_checkpoint = applied - self._applied_at_checkpoint, applied
         rate = new / max(time.monotonic() - self._last_checkpoint_at, 1e-9)
         recent, self._recent_latencies = sorted(self._recent_latencies), []
         latency = ""
@@ -365,34 +362,25 @@ class RewardService:
             p50, p95 = recent[len(recent) // 2], recent[int(len(recent) * 0.95)]
             latency = f", rating-to-update p50 {p50:.2f}s p95 {p95:.2f}s"
         self.checkpoints_published += 1
-        metrics.CHECKPOINTS.inc()
-        metrics.CHECKPOINT_VERSION.set(int(manifest.version[1:]))
-        metrics.CHECKPOINT_SECONDS.observe(elapsed_s)
-        metrics.EXAMPLES_PER_SECOND.set(rate)
+        metrics.observe_checkpoint(manifest.version, elapsed_s, rate)
         log.info(
             "published reward %s: %d ratings applied (+%d, %.1f/s%s), %d updates%s",
-            manifest.version,
-            applied,
-            new,
-            rate,
-            latency,
-            manifest.extra["updates"],
+            *(manifest.version, applied, new, rate, latency, manifest.extra["updates"]),
             " (shutdown)" if final else "",
         )
-        self._applied_at_checkpoint = applied
         self._dirty = False
         self._updates_since_checkpoint = 0
         self._last_checkpoint_at = time.monotonic()
 
     def _commit(self, offsets: dict[str, int]) -> None:
-        owned = {
-            TopicPartition(*p): OffsetAndMetadata(o, "", -1)
-            for p, o in self.offsets.owned_offsets(offsets).items()
-        }
+        """Commits the checkpoint's offsets of the partitions this consumer owns."""
+        owned = self.offsets.owned_offsets(offsets)
         if not owned:
             return
         try:
-            self._consumer.commit(owned)
+            self._consumer.commit(
+                {TopicPartition(*p): OffsetAndMetadata(o, "", -1) for p, o in owned.items()}
+            )
             metrics.COMMITTED.inc()
         except KafkaError as e:  # the checkpoint holds the offsets; a restart seeks to them
             log.warning(
@@ -429,78 +417,6 @@ class RewardService:
             log.info(
                 "revoked %d partitions; dropped %d buffered join entries (they replay)", len(revoked), dropped
             )
-
-    def _topic_partition(self, side: str, partition: int) -> TopicPartition:
-        return TopicPartition(
-            self.topics.interactions if side == INTERACTIONS else self.topics.feedback, partition
-        )
-
-    # ---- dead letters -------------------------------------------------------------------------------------
-
-    def _dead_letter(self, dead: DeadLetter) -> None:
-        topic = self._topic_partition(dead.side, dead.partition).topic
-        msg = events_pb2.DeadLetter(
-            source_topic=topic,
-            partition=dead.partition,
-            offset=dead.offset,
-            key=dead.key or b"",
-            value=dead.value or b"",
-            reason=dead.reason,
-            timestamp_ms=contract.now_ms(),
-        )
-        self._dlq_futures.append(
-            self._producer.send(self.topics.dlq, key=dead.key, value=msg.SerializeToString())
-        )
-        self.dead_letters += 1
-        metrics.DLQ.labels(dead.reason.split(":", 1)[0]).inc()
-        log.warning("dead-lettered %s:%d@%d: %s", topic, dead.partition, dead.offset, dead.reason)
-
-    def _flush_dead_letters(self) -> None:
-        """Blocks until the broker has every dead letter; raises if one was refused (no commit past it)."""
-        if not self._dlq_futures:
-            return
-        self._producer.flush(timeout=30)
-        futures, self._dlq_futures = self._dlq_futures, []
-        failed = [f for f in futures if not f.succeeded()]
-        if failed:
-            metrics.DLQ_FAILURES.inc(len(failed))
-            raise RuntimeError(
-                f"{len(failed)} dead letters were not acknowledged by the broker ({failed[0].exception}); "
-                "not committing offsets past them. Check the broker and restart the reward service."
-            )
-
-    # ---- helpers ------------------------------------------------------------------------------------------
-
-    def _export_gauges(self) -> None:
-        metrics.JOIN_BUFFER.labels("interactions").set(self.join.n_interactions)
-        metrics.JOIN_BUFFER.labels("feedback").set(self.join.n_waiting)
-        if time.monotonic() - self._last_lag_at < _LAG_EVERY_S:
-            return
-        self._last_lag_at = time.monotonic()
-        assigned = list(self._consumer.assignment())
-        if not assigned:
-            return
-        try:
-            ends = self._consumer.end_offsets(assigned)
-            lag: dict[str, int] = {}
-            for tp in assigned:
-                lag[tp.topic] = lag.get(tp.topic, 0) + max(0, ends[tp] - self._consumer.position(tp))
-            for topic, n in lag.items():
-                metrics.CONSUMER_LAG.labels(topic).set(n)
-        except KafkaError as e:
-            log.debug("consumer lag not available: %s", e)
-
-    def _close_clients(self) -> None:
-        if self._consumer is not None:
-            try:
-                self._consumer.close(autocommit=False)
-            except Exception as e:
-                log.warning("closing the consumer: %s", e)
-        if self._producer is not None:
-            try:
-                self._producer.close(timeout=10)
-            except Exception as e:
-                log.warning("closing the producer: %s", e)
 
 
 class _Rebalance(ConsumerRebalanceListener):

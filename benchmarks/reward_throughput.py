@@ -1,7 +1,9 @@
 """Figures of the reward service on the real broker, with the synthetic stream (users like answers that end
 in "!").
 
-    python -m rlhf_online.reward.bench --kafka-bootstrap 127.0.0.1:19092 --backlog 2000 --rate 10
+    rlhf-online kafka start
+    .venv/bin/python benchmarks/reward_throughput.py --kafka-bootstrap 127.0.0.1:19092 \
+        --backlog 2000 --rate 10
 
 1. Throughput: a backlog of `--backlog` joined ratings is waiting in Kafka; the service (in this process)
    absorbs it; labelled events/s = backlog / (time from its first record consumed to the last rating applied).
@@ -9,7 +11,8 @@ in "!").
    time it was produced; rating-to-update latency = end of the update that applied it - that stamp (the
    FeedbackEvent timestamp is when SubmitFeedback accepted it, so through the inference service this is the
    same span minus the broker acknowledgement). Held-out accuracy is printed against ratings seen.
-Each phase uses fresh topics and a fresh registry. Prints one JSON object.
+Each phase uses fresh topics and a fresh registry. Prints one JSON object. The reward-model shape flags
+(`--backbone-layers`, `--trainable-layers`, `--max-length`, `--steps-per-update`) are the service's.
 """
 
 import argparse
@@ -21,6 +24,9 @@ import time
 import uuid
 from pathlib import Path
 
+from bench_server import percentile
+
+from rlhf_online import contract
 from rlhf_online.broker.clients import ensure_topics, make_producer, wait_for_broker
 from rlhf_online.reward.config import RewardConfig
 from rlhf_online.reward.service import create_service
@@ -98,13 +104,13 @@ def latency_and_learning(args, root: Path) -> dict:
     examples = synthetic_examples(int(args.rate * args.duration_s) + 1, seed=12, noise=0.1)
     rng = random.Random(0)
     try:
-        service.wait_until(lambda s: bool(s._owned), timeout_s=60)
+        service.wait_until(lambda s: bool(s.offsets.owned), timeout_s=60)
         started = time.monotonic()
         for i, ex in enumerate(examples):
             wait = started + i / args.rate - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            _send(producer, topics, ex, int(time.time() * 1000))
+            _send(producer, topics, ex, contract.now_ms())
             if rng.random() < 0.05:
                 producer.flush()
         producer.flush()
@@ -112,13 +118,13 @@ def latency_and_learning(args, root: Path) -> dict:
     finally:
         producer.close()
         service.stop()
-    lat = sorted(service.latencies_s)
+    lat = list(service.latencies_s)
     return {
         "rate_per_s": args.rate,
         "ratings": len(examples),
         "applied": service.examples_applied,
-        "latency_p50_s": round(lat[len(lat) // 2], 3) if lat else None,
-        "latency_p95_s": round(lat[int(len(lat) * 0.95)], 3) if lat else None,
+        "latency_p50_s": round(percentile(lat, 50), 3) if lat else None,
+        "latency_p95_s": round(percentile(lat, 95), 3) if lat else None,
         "heldout_vs_seen": [
             (int(h["examples_seen"]), round(h["accuracy"], 3), round(h["auc"], 3), int(h["n"]))
             for h in service.eval_history

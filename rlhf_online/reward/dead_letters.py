@@ -1,0 +1,63 @@
+"""The reward service's dead letters: records it will not process, sent to `rlhf.feedback.dlq` with their raw
+bytes and why, so a person can look at them. They are sent without waiting; `flush()` makes them durable
+before a checkpoint commits offsets past them (a dead letter the broker refused must not be skipped)."""
+
+import logging
+
+from rlhf_online import contract
+from rlhf_online.proto.rlhf.v1 import events_pb2
+from rlhf_online.reward import metrics
+from rlhf_online.reward.join import INTERACTIONS, DeadLetter
+from rlhf_online.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+def source_topic(topics: Topics, side: str) -> str:
+    """The topic of a join side (INTERACTIONS or FEEDBACK)."""
+    return topics.interactions if side == INTERACTIONS else topics.feedback
+
+
+class DeadLetterOutbox:
+    """Sends dead letters through the service's producer and remembers them until `flush()`."""
+
+    def __init__(self, producer, topics: Topics) -> None:
+        self._producer = producer
+        self._topics = topics
+        self._futures: list = []
+        self.sent = 0
+
+    def send(self, dead: DeadLetter) -> None:
+        topic = source_topic(self._topics, dead.side)
+        msg = events_pb2.DeadLetter(
+            source_topic=topic,
+            partition=dead.partition,
+            offset=dead.offset,
+            key=dead.key or b"",
+            value=dead.value or b"",
+            reason=dead.reason,
+            timestamp_ms=contract.now_ms(),
+        )
+        future = self._producer.send(self._topics.dlq, key=dead.key, value=msg.SerializeToString())
+        self._futures.append(future)
+        self.sent += 1
+        metrics.DLQ.labels(dead.reason.split(":", 1)[0]).inc()
+        log.warning("dead-lettered %s:%d@%d: %s", topic, dead.partition, dead.offset, dead.reason)
+
+    def flush(self) -> None:
+        """Blocks until the broker has every dead letter sent so far.
+
+        Raises:
+            RuntimeError: if one was refused (no offset past it may be committed).
+        """
+        if not self._futures:
+            return
+        self._producer.flush(timeout=30)
+        futures, self._futures = self._futures, []
+        failed = [f for f in futures if not f.succeeded()]
+        if failed:
+            metrics.DLQ_FAILURES.inc(len(failed))
+            raise RuntimeError(
+                f"{len(failed)} dead letters were not acknowledged by the broker ({failed[0].exception}); "
+                "not committing offsets past them. Check the broker and restart the reward service."
+            )
