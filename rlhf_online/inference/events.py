@@ -1,12 +1,16 @@
 """Where the inference service sends its events: Kafka in production, a list in unit tests.
 
 Two ways to publish, matching two promises:
-- `publish_acked` blocks until the broker acknowledged the record (acks=all, idempotent producer) or raises
-  PublishError: SubmitFeedback answers OK only after it returns (promise 1).
+- `publish_acked_async` returns once the broker acknowledged the record (acks=all, idempotent producer) or
+  raises PublishError: SubmitFeedback answers OK only after it returns (promise 1). It holds no thread while
+  it waits: the producer's send future resolves an asyncio future from the producer's I/O thread, so
+  thousands of ratings can wait at once. `publish_acked` is the blocking form, for callers off the loop.
 - `publish_background` never blocks generation: records go to an outbox that a thread drains, retrying with
   backoff while the broker is down. Failures are counted and logged; nothing is dropped silently.
 """
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -49,6 +53,37 @@ class KafkaEvents:
             delivery_timeout_ms=timeout_ms + 1000,
         )
         self._outbox = Outbox(make_producer(bootstrap, client_id=f"{client_id}-interactions"), max_outbox)
+        self._known_topics: set[str] = set()  # topics the acked producer has metadata for
+
+    async def publish_acked_async(self, topic: str, key: bytes, value: bytes, timeout_s: float) -> None:
+        """Returns once the broker acknowledged the record; raises PublishError if not within `timeout_s`.
+
+        `send()` runs on the loop: with the topic's metadata known it only appends to the producer's buffer.
+        The first record of a topic waits for that metadata in a worker thread instead, since `send()`
+        would block the loop for it. One timer handle per record bounds the wait (`asyncio.timeout` costs
+        twice as much, measured in benchmarks/feedback_throughput.py).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            if topic not in self._known_topics:
+                await asyncio.wait_for(asyncio.to_thread(self._acked.partitions_for, topic), timeout_s)
+                self._known_topics.add(topic)
+            acked = loop.create_future()
+            expiry = loop.call_at(deadline, _expire, acked)
+            try:
+                sent = self._acked.send(topic, key=key, value=value)
+                sent.add_callback(_on_ack, loop, acked)
+                sent.add_errback(_on_error, loop, acked)
+                await acked
+            finally:
+                expiry.cancel()
+        except (KafkaError, TimeoutError) as e:
+            metrics.PUBLISH_FAILURES.labels(topic).inc()
+            reason = str(e) or type(e).__name__
+            raise PublishError(
+                f"the broker did not acknowledge the event within {timeout_s:.1f}s: {reason}"
+            ) from e
 
     def publish_acked(self, topic: str, key: bytes, value: bytes, timeout_s: float) -> None:
         """Blocks until the broker acknowledged the record; raises PublishError otherwise."""
@@ -163,6 +198,35 @@ class Outbox:
             self._cond.notify_all()
 
 
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("no acknowledgement yet"))
+
+
+def _on_ack(loop: asyncio.AbstractEventLoop, future: asyncio.Future, _metadata) -> None:
+    _resolve_soon(loop, future, None)
+
+
+def _on_error(loop: asyncio.AbstractEventLoop, future: asyncio.Future, error: Exception) -> None:
+    _resolve_soon(loop, future, error)
+
+
+def _resolve_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future, error: Exception | None) -> None:
+    """Resolves `future` on its own loop. Runs in the producer's I/O thread (or in the caller's, when the
+    send future was already done), so it may only hand over to the loop."""
+
+    def resolve() -> None:
+        if future.done():  # the waiter gave up (timeout or cancellation)
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        loop.call_soon_threadsafe(resolve)
+
+
 @dataclass
 class MemoryEvents:
     """In-memory stand-in for unit tests: records what was published; `down=True` simulates an outage."""
@@ -174,6 +238,9 @@ class MemoryEvents:
         if self.down:
             raise PublishError("the broker did not acknowledge the event (simulated outage)")
         self.records.append(Record(topic, key, value))
+
+    async def publish_acked_async(self, topic: str, key: bytes, value: bytes, timeout_s: float) -> None:
+        self.publish_acked(topic, key, value, timeout_s)
 
     def publish_background(self, topic: str, key: bytes, value: bytes) -> None:
         self.records.append(Record(topic, key, value))
