@@ -10,6 +10,7 @@ the method table comes from the service descriptor:
     add_servicer(server, ChatService(...), chat_pb2.DESCRIPTOR.services_by_name["ChatService"])
 """
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -82,37 +83,65 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
 
 
 def _method_handler(servicer: object, method: MethodDescriptor) -> grpc.RpcMethodHandler:
-    if method.client_streaming:
-        raise NotImplementedError(f"{method.full_name}: client-streaming methods are not supported here")
+    """A handler of `method`; its behavior is the servicer's coroutine, or async generator for a stream
+    (a method the servicer does not implement with either answers UNIMPLEMENTED)."""
     request_class = message_factory.GetMessageClass(method.input_type)
     response_class = message_factory.GetMessageClass(method.output_type)
-    behavior = getattr(servicer, method.name)
+    behavior = getattr(servicer, method.name, None)
+    if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+        behavior = _unimplemented(method)  # e.g. the generated base class's sync placeholder
     options = dict(
         request_deserializer=safe_deserializer(request_class),
         response_serializer=response_class.SerializeToString,
     )
-    if method.server_streaming:
-        return grpc.unary_stream_rpc_method_handler(_guard_stream(behavior, method), **options)
-    return grpc.unary_unary_rpc_method_handler(_guard_unary(behavior, method), **options)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(method.client_streaming, method.server_streaming)]
+    return make(_guarded(behavior, method), **options)
 
 
-def _guard_unary(behavior, method: MethodDescriptor):
-    async def handle(request, context: grpc.aio.ServicerContext):
+def _guarded(behavior, method: MethodDescriptor):
+    """`behavior`, refusing a malformed request (or any malformed message of a request stream) first.
+
+    A streaming response comes from an async generator, or from `context.write` in a coroutine (as the
+    grpc.aio health servicer's Watch does); the wrapper has the same form as `behavior`."""
+
+    def checked(request, context):
+        return _checked_stream(request, method, context) if method.client_streaming else request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request, context: grpc.aio.ServicerContext):
+            if isinstance(request, MalformedRequest):
+                await _refuse(request, method, context)
+            async for response in behavior(checked(request, context), context):
+                yield response
+
+        return stream
+
+    async def unary(request, context: grpc.aio.ServicerContext):
         if isinstance(request, MalformedRequest):
             await _refuse(request, method, context)
-        return await behavior(request, context)
+        return await behavior(checked(request, context), context)
 
-    return handle
+    return unary
 
 
-def _guard_stream(behavior, method: MethodDescriptor):
-    async def handle(request, context: grpc.aio.ServicerContext):
+def _unimplemented(method: MethodDescriptor):
+    async def unimplemented(request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method.full_name} is not implemented here")
+
+    return unimplemented
+
+
+async def _checked_stream(requests, method: MethodDescriptor, context):
+    async for request in requests:
         if isinstance(request, MalformedRequest):
             await _refuse(request, method, context)
-        async for response in behavior(request, context):
-            yield response
-
-    return handle
+        yield request
 
 
 async def _refuse(request: MalformedRequest, method: MethodDescriptor, context) -> None:

@@ -10,9 +10,10 @@ import logging
 import threading
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from rlhf_online.grpc_decoding import add_servicer
 from rlhf_online.tls import add_port
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,7 @@ class HealthServer:
 
     async def _start(self, host: str, port: int, credentials) -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-        reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        add_health_and_reflection(server, self.servicer)
         bound = add_port(server, host, port, credentials)
         await server.start()
         return server, bound
@@ -58,3 +58,17 @@ class HealthServer:
 
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
+
+
+def add_health_and_reflection(
+    server: grpc.aio.Server, servicer: health.aio.HealthServicer, service_names: tuple[str, ...] = ()
+) -> None:
+    """Serves `servicer` as grpc.health.v1.Health, and reflection listing `service_names` and both of these,
+    with malformed requests refused like every other method (`rlhf_online.grpc_decoding`)."""
+    add_servicer(server, servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
+    names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    add_servicer(
+        server,
+        reflection.aio.ReflectionServicer(names),
+        reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+    )

@@ -1,4 +1,5 @@
-"""Hostile input to every RPC of ChatService and ModelAdmin, through a real server on port 0, real channels.
+"""Hostile input to every RPC of the inference server (ChatService, ModelAdmin, health, reflection), through a
+real server on port 0 and real channels.
 
 Raw bytes go through `channel.unary_unary(method)` with no serializer, so the server sees exactly what the
 test sends: random bytes, mutations of valid requests, and well-formed messages with hostile field values
@@ -15,11 +16,14 @@ import logging
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from rlhf_online.grpc_decoding import RateLimitedLog
+from rlhf_online.health import HealthServer
 from rlhf_online.inference.config import InferenceConfig
 from rlhf_online.inference.server import create_server
 from rlhf_online.inference.validation import ChatLimits, RequestError, sampling_params
@@ -38,8 +42,17 @@ UNARY = {  # path -> a valid request of its type
     "/rlhf.v1.ModelAdmin/ListVersions": admin_pb2.ListVersionsRequest(),
     "/rlhf.v1.ModelAdmin/Rollback": admin_pb2.RollbackRequest(version="v000001"),
 }
+UNARY["/grpc.health.v1.Health/Check"] = health_pb2.HealthCheckRequest()
 STREAM = {"/rlhf.v1.ChatService/ChatStream": ask("hello", max_new_tokens=2)}
-METHODS = sorted({**UNARY, **STREAM})
+BIDI = {  # the request stream holds one message
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": reflection_pb2.ServerReflectionRequest(
+        list_services=""
+    )
+}
+VALID = {**UNARY, **STREAM, **BIDI}
+METHODS = sorted(VALID)
+# Watch streams until the client leaves, so it only gets the malformed bytes, which end it at once.
+WATCH = "/grpc.health.v1.Health/Watch"
 # Statuses that tell the caller what is wrong with its request; UNKNOWN and INTERNAL would be our bugs.
 CLEAR = {
     grpc.StatusCode.OK,
@@ -81,8 +94,11 @@ async def port(kafka_bootstrap, topics, tiny_model_dir, tmp_path):
 def call(channel: grpc.Channel, method: str, data: bytes, metadata=()) -> tuple[grpc.StatusCode, str]:
     """Sends `data` as the request bytes of `method`; the final status and its details."""
     try:
-        if method in STREAM:
+        if method in STREAM or method == WATCH:
             for _ in channel.unary_stream(method)(data, timeout=30, metadata=metadata):
+                pass
+        elif method in BIDI:
+            for _ in channel.stream_stream(method)(iter([data]), timeout=30, metadata=metadata):
                 pass
         else:
             channel.unary_unary(method)(data, timeout=30, metadata=metadata)
@@ -136,26 +152,27 @@ BAD_UTF8 = {  # a string field holding bytes that are not UTF-8 (user_id = 3, ve
 
 
 async def test_unparseable_bytes_get_invalid_argument_counted_not_traced(port, caplog):
-    before = {m: malformed_count(m) for m in METHODS}
+    methods = [*METHODS, WATCH]
+    before = {m: malformed_count(m) for m in methods}
 
-    sent = [(m, data) for m in METHODS for data in BAD_BYTES] + list(BAD_UTF8.items())
+    sent = [(m, data) for m in methods for data in BAD_BYTES] + list(BAD_UTF8.items())
 
     def body(channel):
         for method, data in sent:
             code, details = call(channel, method, data, metadata=ADMIN)
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, data, code, details)
             expected = "RollbackRequest" if "Rollback" in method else ""
-            assert details.startswith("request is not a valid rlhf.v1."), details
+            assert details.startswith("request is not a valid "), details
             assert expected in details and len(details) < 300
 
     with caplog.at_level(logging.INFO):
         await run_in_thread(port, body)
-    for method in METHODS:
+    for method in methods:
         expected = sum(m == method for m, _ in sent)
         assert malformed_count(method) - before[method] == expected, method
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     lines = [r for r in caplog.records if r.name == "rlhf_online.grpc_decoding"]
-    assert len(lines) <= 1  # 22 malformed requests, at most one (rate-limited) log line
+    assert len(lines) <= 1  # 31 malformed requests, at most one (rate-limited) log line
 
 
 async def test_a_request_over_the_size_limit_gets_resource_exhausted(port):
@@ -223,7 +240,7 @@ async def test_mutated_valid_requests_get_a_clear_status(port):
     @settings(FUZZ, max_examples=250)
     @given(method=st.sampled_from(METHODS), edits=st.lists(edit, min_size=1, max_size=6))
     def fuzz(channel, method, edits):
-        data = mutate({**UNARY, **STREAM}[method].SerializeToString(), edits)
+        data = mutate(VALID[method].SerializeToString(), edits)
         code, details = call(channel, method, data, metadata=ADMIN)
         assert_clear(code, details, f"{method} {data!r}")
 
@@ -331,3 +348,18 @@ def test_subnormal_temperature_is_refused_before_the_engine():
             sampling_params(chat_pb2.GenerationParams(temperature=temperature), limits)
     low = sampling_params(chat_pb2.GenerationParams(temperature=1e-3), limits)
     assert low.temperature == pytest.approx(1e-3)
+
+
+def test_the_health_server_of_reward_and_trainer_refuses_malformed_bytes_too():
+    server = HealthServer(0, host="127.0.0.1")
+    server.set_serving(True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            for method in ("/grpc.health.v1.Health/Check", WATCH, *BIDI):
+                code, details = call(channel, method, BAD_BYTES[0])
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+                assert details.startswith("request is not a valid grpc.")
+            code, _ = call(channel, "/grpc.health.v1.Health/Check", b"")
+            assert code == grpc.StatusCode.OK
+    finally:
+        server.stop(grace_s=0.5)

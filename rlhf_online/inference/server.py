@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 from prometheus_client import start_http_server
 
 from rlhf_online.bootstrap import ensure_initial_policy
 from rlhf_online.engine.engine import PolicyEngine, load_policy
 from rlhf_online.grpc_decoding import add_servicer
+from rlhf_online.health import add_health_and_reflection
 from rlhf_online.inference.admin import ModelAdmin
 from rlhf_online.inference.chat import ChatService
 from rlhf_online.inference.config import InferenceConfig
@@ -54,7 +54,7 @@ class InferenceServer:
     engine: PolicyEngine | TgiBackend
     events: KafkaEvents
     follower: ModelFollower | None
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     chat: ChatService
     http: TgiHttp | None = None  # the TGI HTTP API, when tgi_port >= 0
     tgi_port: int | None = None
@@ -62,7 +62,7 @@ class InferenceServer:
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stops taking requests, lets in-flight ones finish within `grace_s`, then releases everything."""
         for name in ("", *SERVICE_NAMES):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         http_stopped = self.http.stop() if self.http is not None else asyncio.sleep(0)
         await asyncio.gather(self.server.stop(grace_s), http_stopped)
         if self.follower is not None:
@@ -100,15 +100,12 @@ async def create_server(config: InferenceConfig) -> InferenceServer:
             require_protected=not config.allow_insecure_admin,
         )
         add_servicer(server, admin, admin_pb2.DESCRIPTOR.services_by_name["ModelAdmin"])
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    health_servicer = health.aio.HealthServicer()
+    add_health_and_reflection(server, health_servicer, SERVICE_NAMES)
     port = add_port(server, config.grpc_host, config.grpc_port, credentials)
     await server.start()
     for name in ("", *SERVICE_NAMES):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "inference serving policy %s on %s:%d (%s)",
         engine.version,
