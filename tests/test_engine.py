@@ -16,6 +16,7 @@ import torch
 from prometheus_client import REGISTRY
 from transformers import AutoTokenizer, DynamicCache
 
+import rlhf_online.engine.engine as engine_module
 from rlhf_online.engine.batch import DecodeBatch, attention_bias, concatenate, decode_step, prefill, select
 from rlhf_online.engine.engine import (
     EngineStopped,
@@ -469,6 +470,23 @@ def test_a_request_waits_while_it_would_exceed_the_token_cap(make_engine):
 def test_the_token_cap_must_fit_a_request_as_long_as_the_context(make_engine):
     with pytest.raises(ValueError, match="at least 512"):
         make_engine(max_batch_tokens=511)
+
+
+def test_a_failed_decoding_step_fails_its_rows_and_the_engine_goes_on(make_engine, monkeypatch):
+    calls = []
+
+    def fail_once(model, batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return decode_step(model, batch)
+
+    monkeypatch.setattr(engine_module, "decode_step", fail_once)
+    engine = make_engine()
+    engine.start()
+    with pytest.raises(RuntimeError, match="generation failed on the server: out of memory"):
+        submit(engine, PROMPTS[0], greedy(5)).result(timeout=60)
+    assert submit(engine, PROMPTS[0], greedy(5)).result(timeout=60).completion_tokens == 5
 
 
 def test_swap_on_an_idle_engine_serves_at_once(make_engine, model_v2):

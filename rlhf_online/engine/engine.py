@@ -421,6 +421,20 @@ class PolicyEngine:
     @torch.inference_mode()
     def _work(self) -> None:
         lanes: list[_Lane] = []  # one per model with rows, oldest first; the newest takes the newcomers
+        try:
+            self._schedule(lanes)
+        except Exception as e:  # a bug here must not leave callers waiting for ever
+            log.exception("the policy engine worker failed; the engine is stopped")
+            _fail_rows(lanes, RuntimeError(f"generation failed on the server: {e}"))
+            with self._cond:
+                self._stopping = True
+                waiting = list(self._queue)
+                self._queue.clear()
+            for request in waiting:
+                request.stream._fail(EngineStopped("the policy engine failed; retry on another replica"))
+
+    def _schedule(self, lanes: list[_Lane]) -> None:
+        """Every iteration: newcomers join, then one decoding step per lane (alternating versions)."""
         step = 0
         while True:
             taken = self._take_newcomers(lanes)
@@ -492,17 +506,17 @@ class PolicyEngine:
         batch = lane.batch
         if batch is None:
             return
-        select(batch, [i for i, row in enumerate(batch.rows) if not row.stream.cancelled])
-        if batch.rows:
-            try:
+        try:
+            select(batch, [i for i, row in enumerate(batch.rows) if not row.stream.cancelled])
+            if batch.rows:
                 logits = decode_step(lane.model, batch)  # (B, V)
-            except Exception as e:
-                log.exception("a decoding step failed for %d rows on %s", len(batch), lane.version)
-                _fail_rows([lane], RuntimeError(f"generation failed on the server: {e}"))
-                lane.batch = None
-                return
-            BATCH_SIZE.observe(len(batch))
-            self._advance(lane, batch, logits)
+                BATCH_SIZE.observe(len(batch))
+                self._advance(lane, batch, logits)
+        except Exception as e:
+            log.exception("a decoding step failed for %d rows on %s", len(batch), lane.version)
+            _fail_rows([lane], RuntimeError(f"generation failed on the server: {e}"))
+            lane.batch = None
+            return
         if not batch.rows:
             lane.batch = None
 
