@@ -7,6 +7,7 @@ Every client gets a 60 s timeout: the default 10 s covers a whole answer, and th
 
 import asyncio
 import json
+import ssl
 
 import aiohttp
 import grpc
@@ -19,6 +20,7 @@ from rlhf_online.engine.chat_format import render_prompt
 from rlhf_online.inference.server import create_server
 from rlhf_online.proto.rlhf.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 from tests.test_inference_server import ask, config_for
+from tests.test_tls import Pki, make_ca, make_leaf
 
 pytestmark = [
     pytest.mark.kafka,
@@ -168,3 +170,46 @@ async def test_info_and_health(served):
     assert info["model_sha"] == info["model_version"] == "v000001"
     assert info["max_total_tokens"] == running.engine.context_length == 512
     assert info["model_id"] == "rlhf-online/policy" and info["router"] == "rlhf-online"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca, rogue = make_ca(folder, "test-ca"), make_ca(folder, "rogue-ca")
+    return Pki(
+        ca=ca[0],
+        server=make_leaf(folder, "server", ca, server=True),
+        client=make_leaf(folder, "client", ca, server=False),
+        rogue_client=make_leaf(folder, "rogue-client", rogue, server=False),
+    )
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+async def test_the_tgi_port_uses_the_grpc_tls_settings(
+    kafka_bootstrap, topics, tiny_model_dir, tmp_path, pki, mutual
+):
+    tls = {"tls_cert_file": str(pki.server.cert), "tls_key_file": str(pki.server.key)}
+    if mutual:
+        tls["tls_client_ca_file"] = str(pki.ca.cert)
+    config = config_for(kafka_bootstrap, topics, tiny_model_dir, tmp_path, tgi_port=0, **tls)
+    running = await create_server(config)
+    try:
+        trusting = ssl.create_default_context(cafile=str(pki.ca.cert))
+        if mutual:
+            trusting.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 3}}
+        async with aiohttp.ClientSession() as session:
+            url = f"https://127.0.0.1:{running.tgi_port}/generate"
+            async with session.post(url, json=body, ssl=trusting) as response:
+                assert response.status == 200 and response.headers["x-response-id"]
+            with pytest.raises(aiohttp.ClientError):  # plaintext is not served
+                await session.post(f"http://127.0.0.1:{running.tgi_port}/generate", json=body)
+            if mutual:  # a client without a certificate from the CA fails the handshake
+                anonymous = ssl.create_default_context(cafile=str(pki.ca.cert))
+                rogue = ssl.create_default_context(cafile=str(pki.ca.cert))
+                rogue.load_cert_chain(str(pki.rogue_client.cert), str(pki.rogue_client.key))
+                for context in (anonymous, rogue):
+                    with pytest.raises(aiohttp.ClientError):
+                        await session.post(url, json=body, ssl=context)
+    finally:
+        await running.stop(grace_s=1)

@@ -60,8 +60,8 @@ class KafkaEvents:
 
         `send()` runs on the loop: with the topic's metadata known it only appends to the producer's buffer.
         The first record of a topic waits for that metadata in a worker thread instead, since `send()`
-        would block the loop for it. One timer handle per record bounds the wait (`asyncio.timeout` costs
-        twice as much, measured in benchmarks/feedback_throughput.py).
+        would block the loop for it. A plain timer handle bounds the wait: `asyncio.timeout` cost about 20 us
+        more per record on the 2-core dev machine, where the loop spends ~350 us on a whole rating.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

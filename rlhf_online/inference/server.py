@@ -31,7 +31,7 @@ from rlhf_online.inference.events import KafkaEvents
 from rlhf_online.inference.follower import POLICY, ModelFollower
 from rlhf_online.inference.signing import ResponseSigner, format_time, random_signer, signer_from_settings
 from rlhf_online.inference.tgi_backend import TgiBackend
-from rlhf_online.inference.tgi_http import TgiHttp, local_model_info
+from rlhf_online.inference.tgi_http import TgiHttp, local_model_info, server_ssl_context
 from rlhf_online.proto.rlhf.v1 import admin_pb2, chat_pb2
 from rlhf_online.registry import Registry
 from rlhf_online.tls import add_port, server_credentials
@@ -139,8 +139,9 @@ async def _start_tgi_http(config: InferenceConfig, chat: ChatService) -> tuple[T
         health_check=remote.healthy if remote else None,
         shutdown_grace_s=config.shutdown_grace_s,
     )
-    port = await http.start(config.grpc_host, config.tgi_port)
-    log.info("TGI HTTP API on http://%s:%d", config.grpc_host, port)
+    ssl_context = server_ssl_context(config)
+    port = await http.start(config.grpc_host, config.tgi_port, ssl_context)
+    log.info("TGI HTTP API on %s://%s:%d", "https" if ssl_context else "http", config.grpc_host, port)
     return http, port
 
 

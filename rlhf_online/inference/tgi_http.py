@@ -17,6 +17,9 @@ no chat template is applied. The end user's id goes in an `x-user-id` request he
 A plain answer is tagged with `x-response-id` and `x-model-version` headers; a streamed one with the fields
 "response_id" and "model_version" of its last event, since the headers leave before the version is known.
 
+With `tls_cert_file` and `tls_key_file` set the port speaks HTTPS with the gRPC port's certificate, and with
+`tls_client_ca_file` it asks every client for a certificate from that CA, as gRPC does.
+
 Errors are TGI's {"error", "error_type"}: 422 validation, 429 overloaded (503 while the engine stops),
 424 generation; an answer that breaks off while streaming ends with an error event instead. Parameters this
 engine cannot honour (stop sequences, top_k, typical_p, penalties, best_of > 1, grammar, truncate, watermark)
@@ -27,6 +30,7 @@ import contextlib
 import json
 import logging
 import math
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -196,6 +200,19 @@ def local_model_info(device: str) -> dict[str, str]:
     }
 
 
+def server_ssl_context(settings) -> ssl.SSLContext | None:
+    """HTTPS from the TLS settings of the service config (checked already by `tls.server_credentials`);
+    None when TLS is off."""
+    if not settings.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    if settings.tls_client_ca_file:
+        context.load_verify_locations(settings.tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class _HttpContext:
     """What ChatService uses of a grpc.aio context, for a call that came over HTTP: `abort` raises the
     RequestError that the route turns into TGI's error format."""
@@ -257,15 +274,15 @@ class TgiHttp:
         )
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Serves on host:port (0: a free port); returns the port."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Serves on host:port (0: a free port), over HTTPS with `ssl_context`; returns the port."""
         # A client that hangs up cancels its handler, so its row leaves the batch as with gRPC.
         self._runner = web.AppRunner(
             self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=self._grace_s
         )
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
         except OSError as e:
             await self._runner.cleanup()
             raise OSError(f"cannot bind the TGI HTTP port {host}:{port}: {e}; is it taken?") from e
