@@ -22,6 +22,7 @@ The table (markdown) goes to stdout and to `<out>/suite.md`; every run's folder 
 import argparse
 import datetime
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -98,7 +99,7 @@ def run_one(args, judge: str, judge_args: str, bootstrap: str, out: Path) -> Sui
         sys.executable, "-m", "rlhf_online.cli", "demo", "--judge", judge, "--judge-args", judge_args,
         "--kafka-bootstrap", bootstrap, "--topic-prefix", prefix, "--run-dir", str(out / judge),
         "--seed", str(args.seed), *(["--duration-s", str(args.duration_s)] if args.duration_s else []),
-        *(["--model-dir", args.model_dir] if args.model_dir else []), *args.demo_args.split(),
+        *(["--model-dir", args.model_dir] if args.model_dir else []), *shlex.split(args.demo_args),
     ]  # fmt: skip
     started = time.monotonic()
     with open(out / f"{judge}.log", "w") as log:
