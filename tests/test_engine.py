@@ -328,7 +328,7 @@ def test_a_request_joins_the_running_batch_and_finishes_before_it(make_engine):
         if step == 2:
             streams.append(submit(engine, PROMPTS[1], greedy(5)))
         done = [s.finished is not None for s in streams]
-        seen.append((dict(engine.running), done[0], len(done) > 1 and done[1]))
+        seen.append((dict(engine.rows_by_version), done[0], len(done) > 1 and done[1]))
         return len(streams) == 2
 
     (*_, long_done), (*_, short_done) = run_with_hook(engine, [(PROMPTS[4], greedy(60))], hook)
@@ -388,7 +388,7 @@ def test_cancel_inside_a_batch_frees_its_row_for_a_waiting_request(make_engine):
     def hook(step: int, streams: list) -> bool:
         if step == 1:
             streams[0].cancel()
-        seen.append((sum(engine.running.values()), *(s.finished is not None for s in streams[1:])))
+        seen.append((sum(engine.rows_by_version.values()), *(s.finished is not None for s in streams[1:])))
         return step == 1
 
     long_events, mate_events, waiting_events = run_with_hook(
@@ -413,7 +413,7 @@ def test_swap_serves_newcomers_at_once_while_running_rows_finish_on_the_old_mode
         if step == 2:
             engine.swap(model_v2, "v2")
             streams.append(submit(engine, PROMPTS[2], params))
-        seen.append((engine.version, dict(engine.running)))
+        seen.append((engine.version, dict(engine.rows_by_version)))
         return step == 2
 
     (*_, first_done), (*_, late_done) = run_with_hook(engine, [(PROMPTS[2], params)], hook)
@@ -443,7 +443,7 @@ def test_every_answer_comes_from_one_version_across_a_swap_under_continuous_load
             engine.swap(model_v2, "v2")
         if step + 1 < len(jobs):  # one new request per step, before and after the swap
             streams.append(submit(engine, *jobs[step + 1]))
-        seen.append(dict(engine.running))
+        seen.append(dict(engine.rows_by_version))
         return step + 2 == len(jobs)
 
     done = [events[-1] for events in run_with_hook(engine, jobs[:1], hook)]

@@ -315,7 +315,7 @@ class PolicyEngine:
         self._thread: threading.Thread | None = None
         self.largest_batch_seen = 0  # most rows running at once
         self.prefills_run = 0  # groups of newcomers prefilled together
-        self.running: dict[str, int] = {}  # rows per version after the last step (replaced whole, not edited)
+        self.rows_by_version: dict[str, int] = {}  # after the last step (replaced whole, never edited)
         # Test hook: called by the worker thread after each decoding step, with the step's index.
         self.step_hook: Callable[[int], None] | None = None
         _set_version_metric(None, version)
@@ -483,7 +483,7 @@ class PolicyEngine:
         lane = lanes[-1]
         rows = [_Row(r, self.tokenizer, self.device) for r in requests]
         self.prefills_run += 1
-        running = sum(len(lane.rows) for lane in lanes) + len(rows)
+        running = sum(len(other.rows) for other in lanes) + len(rows)
         self.largest_batch_seen = max(self.largest_batch_seen, running)
         try:
             cache, mask, logits = prefill(
@@ -536,7 +536,7 @@ class PolicyEngine:
         running: dict[str, int] = {}
         for lane in lanes:
             running[lane.version] = running.get(lane.version, 0) + len(lane.rows)
-        self.running = running
+        self.rows_by_version = running
         RUNNING_ROWS.set(sum(running.values()))
         BATCH_TOKENS.set(sum(row.request.cost for lane in lanes for row in lane.rows))
 
