@@ -7,16 +7,21 @@ real gRPC clients:
     .venv/bin/python benchmarks/inference_load.py --kafka-bootstrap 127.0.0.1:19092
 
 It prints Chat latency p50/p95 alone and under concurrency, acknowledged SubmitFeedback RPCs per second from
-concurrent clients, and the largest batch the engine ran.
+concurrent clients, and the largest batch the engine ran. `--protocol tgi` asks the same questions over the
+TGI HTTP API (POST /generate, keep-alive connections) instead of gRPC Chat; ratings go over gRPC either way.
+benchmarks/feedback_throughput.py measures ratings alone, in more detail.
 """
 
 import argparse
 import asyncio
 import time
+from functools import partial
 
+import aiohttp
 import grpc
 from bench_server import percentile, start_server
 
+from rlhf_online.engine.chat_format import render_prompt
 from rlhf_online.proto.rlhf.v1 import chat_pb2, chat_pb2_grpc
 
 
@@ -36,6 +41,31 @@ async def chat_latencies(
             reply = await stub.Chat(request, timeout=120)
             latencies.append(time.perf_counter() - start)
             ids.append(reply.response_id)
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return latencies, ids
+
+
+async def tgi_latencies(
+    url: str, tokenizer, clients: int, per_client: int, max_new_tokens: int
+) -> tuple[list[float], list[str]]:
+    """The same over the TGI HTTP API: the same prompts, rendered with the chat template as a TGI client of
+    a chat model sends them; sampled with a seed; the response id from `x-response-id`."""
+    latencies, ids = [], []
+
+    async def client(i: int) -> None:
+        async with aiohttp.ClientSession(url, headers={"x-user-id": f"user{i}"}) as session:
+            for j in range(per_client):
+                body = {
+                    "inputs": render_prompt(tokenizer, [("user", f"question {i}.{j}: how are you?")]),
+                    "parameters": {"max_new_tokens": max_new_tokens, "do_sample": True, "seed": i * 1000 + j},
+                }
+                start = time.perf_counter()
+                async with session.post("/generate", json=body) as response:
+                    await response.read()
+                    response.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+                ids.append(response.headers["x-response-id"])
 
     await asyncio.gather(*(client(i) for i in range(clients)))
     return latencies, ids
@@ -67,14 +97,24 @@ async def main(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         feedback_burst=100_000,
         feedback_rate_per_s=100_000,
+        tgi_port=0 if args.protocol == "tgi" else -1,
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        await chat_latencies(stub, 1, 3, args.max_new_tokens)  # warm-up
-        alone, _ = await chat_latencies(stub, 1, args.requests, args.max_new_tokens)
-        loaded, ids = await chat_latencies(stub, args.clients, args.requests, args.max_new_tokens)
+        if args.protocol == "tgi":
+            latencies = partial(
+                tgi_latencies, f"http://127.0.0.1:{running.tgi_port}", running.engine.tokenizer
+            )
+        else:
+            latencies = partial(chat_latencies, stub)
+        await latencies(1, 3, args.max_new_tokens)  # warm-up
+        alone, _ = await latencies(1, args.requests, args.max_new_tokens)
+        loaded, ids = await latencies(args.clients, args.requests, args.max_new_tokens)
         count, seconds = await feedback_rate(stub, ids, 4, args.feedback_clients)
-    print(f"tiny model, CPU, max_new_tokens={args.max_new_tokens}, max_batch_size={args.max_batch_size}")
+    print(
+        f"tiny model, CPU, {args.protocol}, max_new_tokens={args.max_new_tokens}, "
+        f"max_batch_size={args.max_batch_size}"
+    )
     print(
         f"Chat alone:         p50 {percentile(alone, 50) * 1000:.0f} ms, "
         f"p95 {percentile(alone, 95) * 1000:.0f} ms ({len(alone)} requests)"
@@ -100,4 +140,5 @@ if __name__ == "__main__":
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--protocol", choices=["grpc", "tgi"], default="grpc", help="how Chat is asked")
     asyncio.run(main(parser.parse_args()))
