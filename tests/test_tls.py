@@ -32,6 +32,8 @@ from rlhf_online.tls import (
     is_tls,
     server_credentials,
 )
+from rlhf_online.trainer.config import TrainerConfig
+from rlhf_online.trainer.service import create_service as create_trainer
 from tests.test_inference_server import ask, config_for
 
 # ---- certificates ------------------------------------------------------------------------------------------
@@ -168,6 +170,36 @@ def test_health_server_under_mutual_tls_refuses_clients_without_a_cert_from_its_
     assert health_status(health_server, client(pki)) == grpc.StatusCode.UNAVAILABLE  # no client cert
     assert health_status(health_server, client(pki, pki.rogue_client)) == grpc.StatusCode.UNAVAILABLE
     assert health_status(health_server, None) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_trainer_serves_health_over_mutual_tls_from_its_config(pki, tmp_path):
+    """The trainer's own health port (the reward service builds its HealthServer the same way)."""
+    settings = tls_settings(pki, mutual=True)
+    config = TrainerConfig(
+        kafka_bootstrap="", registry_dir=str(tmp_path / "registry"), grpc_host="127.0.0.1", grpc_port=0,
+        metrics_port=-1, tls_cert_file=settings.tls_cert_file, tls_key_file=settings.tls_key_file,
+        tls_client_ca_file=settings.tls_client_ca_file,
+    )  # fmt: skip
+    trainer = create_trainer(config)
+    trainer.start()
+    try:
+        target = f"127.0.0.1:{trainer.grpc_port}"
+        assert health_status(target, client(pki, pki.client)) == grpc.StatusCode.OK
+        assert health_status(target, client(pki)) == grpc.StatusCode.UNAVAILABLE  # no client certificate
+        assert health_status(target, None) == grpc.StatusCode.UNAVAILABLE  # plaintext
+    finally:
+        trainer.stop()
+
+
+def test_the_trainer_refuses_to_start_with_bad_tls_settings_before_touching_the_registry(tmp_path):
+    registry = tmp_path / "registry"
+    config = TrainerConfig(
+        kafka_bootstrap="", registry_dir=str(registry), base_model_dir=str(tmp_path / "base"),
+        grpc_port=0, metrics_port=-1, tls_key_file=str(tmp_path / "server.key"),
+    )  # fmt: skip
+    with pytest.raises(TlsConfigError, match="tls_cert_file is not set"):
+        create_trainer(config).start()
+    assert not registry.exists() or not any(registry.iterdir())
 
 
 class RecordingHealth(health_pb2_grpc.HealthServicer):

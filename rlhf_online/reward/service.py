@@ -42,6 +42,7 @@ from rlhf_online.reward.join import FEEDBACK, INTERACTIONS, DeadLetter, JoinBuff
 from rlhf_online.reward.learner import HELDOUT, TRAIN, OnlineLearner
 from rlhf_online.reward.offsets import OffsetBook
 from rlhf_online.reward.records import BadRecord, parse_feedback, parse_interaction
+from rlhf_online.tls import server_credentials
 from rlhf_online.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,15 @@ class RewardService:
     def start(self) -> None:
         """Restores the reward lineage, subscribes, serves health, and starts the loop thread."""
         self.config.apply_torch_threads()
+        credentials = server_credentials(self.config)  # bad TLS settings stop us before the model loads
         lineage = checkpoint.restore_or_init(self.registry, self.config)
         self.learner, self.version = lineage.learner, lineage.version
         self.offsets = OffsetBook(lineage.offsets)
         self._applied_at_checkpoint = len(self.learner.applied)
         self._connect()
-        self._health = HealthServer(self.config.grpc_port, host=self.config.grpc_host)
+        self._health = HealthServer(
+            self.config.grpc_port, host=self.config.grpc_host, credentials=credentials
+        )
         self.grpc_port = self._health.port
         self._thread = threading.Thread(target=self._run, name="reward-loop", daemon=True)
         self._thread.start()

@@ -40,6 +40,7 @@ from rlhf_online.engine.chat_format import render_prompt
 from rlhf_online.health import HealthServer
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Registry, RegistryError
+from rlhf_online.tls import server_credentials
 from rlhf_online.topics import Topics
 from rlhf_online.trainer import metrics
 from rlhf_online.trainer.config import TrainerConfig
@@ -139,6 +140,7 @@ class TrainerService:
     def start(self) -> None:
         """Bootstraps the registry if asked, connects to Kafka, serves health, starts the loop thread."""
         self.config.apply_torch_threads()
+        credentials = server_credentials(self.config)  # bad TLS settings stop us before anything starts
         if self.config.base_model_dir:
             from rlhf_online.bootstrap import ensure_initial_policy
 
@@ -146,7 +148,9 @@ class TrainerService:
         if self.config.kafka_bootstrap:
             self._connect_kafka()  # before the registry is read: no reward event falls in between
         self._resume_from_registry()
-        self._health = HealthServer(self.config.grpc_port, host=self.config.grpc_host, name="trainer-grpc")
+        self._health = HealthServer(
+            self.config.grpc_port, host=self.config.grpc_host, name="trainer-grpc", credentials=credentials
+        )
         self.grpc_port = self._health.port
         self._health.set_serving(True)
         self._thread = threading.Thread(target=self._loop, name="trainer-loop", daemon=True)
