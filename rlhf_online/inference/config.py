@@ -22,6 +22,13 @@ class InferenceConfig(ServiceConfig):
     max_batch_size: int = field(
         default=8, metadata={"help": "Most requests generated together in one batch."}
     )
+    max_batch_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Most tokens (prompt + max_new_tokens of each row) the running batch may hold; a request "
+            "that does not fit waits. 0: max_batch_size times the model's context."
+        },
+    )
     max_queue: int = field(
         default=64, metadata={"help": "Requests waiting beyond this are refused (RESOURCE_EXHAUSTED)."}
     )
@@ -97,6 +104,8 @@ class InferenceConfig(ServiceConfig):
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be at least 1")
+        if self.max_batch_tokens < 0:
+            raise ValueError("max_batch_tokens must be >= 0 (0: max_batch_size times the model's context)")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_cap:
             raise ValueError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) must be between 1 and "

@@ -1,7 +1,8 @@
 """Hot swap: follows the models topic and swaps each new policy version into the engine (promises 3, 4, 5).
 
 Every replica reads every event (manual partition assignment, no consumer group). A version is loaded in this
-thread while serving goes on; the engine switches between batches, so no request fails or mixes versions.
+thread while serving goes on; new requests start on it at once while rows already running finish on the
+old one, so no request fails or mixes versions.
 A version whose checksums do not verify, or that does not load, is refused and serving stays where it is.
 """
 
@@ -82,7 +83,7 @@ class ModelFollower:
             self._target = event.version
         metrics.SWAPS.inc()
         action = events_pb2.ModelAction.Name(event.action)
-        log.info("policy %s loaded (%s); swapping in at the next batch", event.version, action)
+        log.info("policy %s loaded (%s); new requests start on it", event.version, action)
         return True
 
     def _run(self) -> None:

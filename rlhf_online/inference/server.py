@@ -165,6 +165,7 @@ def _start_engine(config, registry, topics, load, replica) -> tuple[PolicyEngine
         version,
         device=config.torch_device(),
         max_batch_size=config.max_batch_size,
+        max_batch_tokens=config.max_batch_tokens or None,
         max_queue=config.max_queue,
     )
     engine.start()
