@@ -30,6 +30,7 @@ from rlhf_online.inference.validation import ChatLimits, RequestError
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.topics import Topics
 
+pytestmark = pytest.mark.filterwarnings("ignore:The `dict` method is deprecated:DeprecationWarning")
 LIMITS = ChatLimits.from_config(InferenceConfig(), context_length=512)
 
 
