@@ -14,6 +14,7 @@ temperature 1; the real model: see REAL_TEXT_SUITE).
 `TINY_SUITE` and `REAL_TEXT_SUITE` map judge names (`--judge NAME`) to their options (`--judge-args`).
 """
 
+import re
 import string
 from dataclasses import dataclass
 
@@ -49,17 +50,6 @@ class EdgeJudge:
         if not text:
             return False
         return (text[-1] if self.at_end else text[0]) in self.chars
-
-
-@dataclass(frozen=True)
-class WordCountJudge:
-    """Thumbs up for answers of at most `max_words` words (and at least `min_words`): concise answers."""
-
-    max_words: int
-    min_words: int = 3
-
-    def __call__(self, prompt: str, response: str) -> bool:
-        return self.min_words <= len(response.split()) <= self.max_words
 
 
 @dataclass(frozen=True)
@@ -141,13 +131,81 @@ def upper_start_and_lowercase(threshold: float = 0.15) -> BothJudge:
     return BothJudge(starts(), share)
 
 
-def concise(max_words: int = 25) -> WordCountJudge:
-    """Real text: likes concise answers, at most `max_words` words."""
-    return WordCountJudge(max_words)
+# ---- Real text (SmolLM2-135M-Instruct). Measured with benchmarks/calibrate_judges.py --suite real on 450
+# answers (runs/smollm2-answers.jsonl: the simulator's prompts, chat template, temperature 1, top_p 1, 64 new
+# tokens, seed 0); docs/real-model.md has the table. Every verdict is firm (a bool): with a soft one and rater
+# noise the reward model learns far less from the same ratings (see judges.lowercase).
+
+# A sentence's end: . ! ? or an ellipsis, then any closing quotes, brackets or Markdown emphasis.
+SENTENCE_END = re.compile(r"[.!?\u2026][\"'\u201d\u2019)\]*_]*$")
+
+
+@dataclass(frozen=True)
+class ConciseJudge:
+    """Thumbs up for a finished answer of `min_words` to `max_words` words: an answer the token cap cut off
+    mid-sentence is not concise, however few its words (emoji or code runs are long in tokens, short in
+    words)."""
+
+    max_words: int
+    min_words: int = 3
+
+    def __call__(self, prompt: str, response: str) -> bool:
+        text = response.strip()
+        return bool(SENTENCE_END.search(text)) and self.min_words <= len(text.split()) <= self.max_words
+
+
+@dataclass(frozen=True)
+class WordsJudge:
+    """Thumbs up when the answer has any of `words` as a whole word, case-insensitive ("love" but not
+    "glove"), or any of `marks` anywhere."""
+
+    words: tuple[str, ...]
+    marks: tuple[str, ...] = ()
+    min_chars: int = 8  # an empty or one-word answer is never a cheap win
+
+    def __call__(self, prompt: str, response: str) -> bool:
+        if len(response.strip()) < self.min_chars:
+            return False
+        if any(m in response for m in self.marks):
+            return True
+        pattern = r"\b(?:" + "|".join(re.escape(w) for w in self.words) + r")\b"
+        return re.search(pattern, response, re.IGNORECASE) is not None
+
+
+@dataclass(frozen=True)
+class LineBreakJudge:
+    """Thumbs up when the answer's text runs over at least `min_breaks` + 1 lines or paragraphs."""
+
+    min_breaks: int = 1
+
+    def __call__(self, prompt: str, response: str) -> bool:
+        return len(re.findall(r"\n+", response.strip())) >= self.min_breaks
+
+
+def concise(max_words: int = 40) -> ConciseJudge:
+    """Real text: likes concise answers, finished within `max_words` words (two or three sentences).
+
+    SmolLM2, default 40: 22.9% of base answers (firm). Most base answers run to the 64-token cap (median 47
+    words) and stop mid-sentence; only 32% end a sentence. A policy meets it by ending its turn sooner.
+    """
+    return ConciseJudge(max_words)
+
+
+def addresses_user(words: str = "you|your|yours|yourself") -> WordsJudge:
+    """Real text: likes answers that speak to the user directly ("you can...", "your shirt").
+
+    SmolLM2: 27.6% of base answers (firm). It replaces `asks_back` in REAL_TEXT_SUITE: the base model
+    almost never asks back, and an answer addressed to the user is the nearest preference it can learn.
+    """
+    return WordsJudge(_needles(words))
 
 
 def asks_back() -> EdgeJudge:
-    """Real text: likes answers that end with a question back to the user."""
+    """Real text: likes answers that end with a question back to the user.
+
+    SmolLM2: 1.8% of base answers (5.6% have a "?" anywhere): too rare to learn from ratings (nearly every
+    thumbs up it gets would be rater noise), so it is not in REAL_TEXT_SUITE; see `addresses_user`.
+    """
     return EdgeJudge(frozenset("?"), at_end=True)
 
 
@@ -156,16 +214,40 @@ LIST_MARKERS = "\\n-|\\n*|\\n1.|\\n2.|**|\\n•"
 
 
 def no_lists(markers: str = LIST_MARKERS) -> ContainsJudge:
-    """Real text: likes answers in plain prose, without lists or Markdown emphasis."""
+    """Real text: likes answers in plain prose, without lists or Markdown emphasis.
+
+    SmolLM2: 93.1% of base answers (firm): in 64 tokens the base model seldom gets as far as a list, so
+    there is little to learn; not in REAL_TEXT_SUITE (see `structured`, its opposite taste).
+    """
     return ContainsJudge(_needles(markers), absent=True)
 
 
-ENTHUSIASM = "!|great|love|amazing|wonderful|fantastic|happy to|glad"
+def structured(min_breaks: int = 1) -> LineBreakJudge:
+    """Real text: likes answers broken into paragraphs or list items, which are quicker to skim.
+
+    SmolLM2, default 1 (two lines or more): 28.7% of base answers (firm). It takes the place of `no_lists`
+    in REAL_TEXT_SUITE, whose plain prose 93% of base answers already are.
+    """
+    return LineBreakJudge(min_breaks)
 
 
-def enthusiastic(words: str = ENTHUSIASM) -> ContainsJudge:
-    """Real text: likes enthusiastic answers (an exclamation mark or a warm word)."""
-    return ContainsJudge(_needles(words), ignore_case=True)
+# Warm words and intensifiers; "!" counts anywhere. Whole words only: "fun" is not "function", "love" is
+# not "glove". Not "best" ("the best way to" is not warm) nor "sweet" (mostly a taste).
+ENTHUSIASM = (
+    "great|love|loved|lovely|amazing|wonderful|fantastic|happy|glad|exciting|excited|thrilled|delighted|"
+    "delightful|fun|enjoy|perfect|beautiful|awesome|incredible|brilliant|fascinating|interesting|magical|"
+    "delicious|excellent|nice|favorite|favourite|wow|joy|joyful|cheerful|cool|super|terrific|fabulous|"
+    "marvelous|superb|gorgeous|stunning|adore|passion|passionate|yay|hooray|really|truly|absolutely|definitely"
+)
+
+
+def enthusiastic(words: str = ENTHUSIASM, marks: str = "!") -> WordsJudge:
+    """Real text: likes enthusiastic answers: an exclamation mark (any of `marks`) or a warm word.
+
+    SmolLM2, the defaults: 20.7% of base answers (firm; near the low edge, the 5% rater noise lifts the
+    thumbs-up rate to 24%); "!" alone 7.3%, the words alone 16.7%.
+    """
+    return WordsJudge(_needles(words), tuple(marks))
 
 
 SUITE_JUDGES = {
@@ -179,6 +261,8 @@ SUITE_JUDGES = {
     "asks_back": asks_back,
     "no_lists": no_lists,
     "enthusiastic": enthusiastic,
+    "addresses_user": addresses_user,
+    "structured": structured,
 }
 
 # judge name -> --judge-args, for the tiny preset: one of each kind.
@@ -195,8 +279,8 @@ TINY_SUITE: dict[str, str] = {
 
 # judge name -> --judge-args, for real chat models (SmolLM2-135M-Instruct).
 REAL_TEXT_SUITE: dict[str, str] = {
-    "concise": "",
-    "asks_back": "",
-    "no_lists": "",
-    "enthusiastic": "",
+    "concise": "",  # finished within 40 words: 22.9%
+    "addresses_user": "",  # "you", "your": 27.6%
+    "structured": "",  # paragraphs or list items: 28.7%
+    "enthusiastic": "",  # "!" or a warm word: 20.7%
 }
