@@ -6,6 +6,8 @@ strings. They live here and nowhere else (see docs/design.md, "The public contra
 - model kinds: `POLICY`, `REWARD` (registry folders, ModelEvent.kind, Kafka keys);
 - `model_event(...)` and `model_event_key(...)`: the only way a ModelEvent is built and keyed;
 - `round_event_key()`: the key of every RoundEvent on `rlhf.rounds`;
+- `canary_decision_key()`: the key of every CanaryDecision on `rlhf.canary`; `CANARY_SHARE`: the figure of a
+  CANARY ModelEvent that says the canary's share of traffic;
 - `RewardFigure` and `RoundFigure`: the figure names that publishers write into `metrics` maps and that the
   demo, the report and the trainer read (no alias lists anywhere);
 - `now_ms()`: Unix time in milliseconds, the unit of every `timestamp_ms` field.
@@ -57,7 +59,7 @@ def model_event(
 
     Args:
         kind: POLICY or REWARD.
-        action: an `events_pb2.ModelAction` (PUBLISHED, ROLLED_BACK).
+        action: an `events_pb2.ModelAction` (PUBLISHED, ROLLED_BACK, CANARY, PROMOTED).
         version: the registry version, e.g. "v000003".
         parent_version: the version it was trained from (None or "" for the first).
         metrics: figures that justified it (`RewardFigure` / `RoundFigure` names).
@@ -81,6 +83,14 @@ def model_event_key(event: events_pb2.ModelEvent) -> bytes:
 def round_event_key() -> bytes:
     """The Kafka key of every RoundEvent: one policy lineage, one partition, rounds in order."""
     return POLICY.encode()
+
+
+def canary_decision_key() -> bytes:
+    """The Kafka key of every CanaryDecision: one policy lineage, one partition, trials in order."""
+    return POLICY.encode()
+
+
+CANARY_SHARE = "canary_share"  # ModelEvent.metrics of a CANARY event: the canary's share of traffic, (0, 1)
 
 
 class RewardFigure:

@@ -1,7 +1,7 @@
 """Kafka topic names of the public contract (see docs/design.md), derived from one prefix.
 
-The prefix defaults to "rlhf", giving `rlhf.interactions`, `rlhf.feedback`, `rlhf.models`, `rlhf.rounds` and
-`rlhf.feedback.dlq`; tests use their own prefix so they never see each other's records.
+The prefix defaults to "rlhf", giving `rlhf.interactions`, `rlhf.feedback`, `rlhf.models`, `rlhf.rounds`,
+`rlhf.canary` and `rlhf.feedback.dlq`; tests use their own prefix so they never see each other's records.
 """
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ DEFAULT_PREFIX = "rlhf"
 
 @dataclass(frozen=True)
 class Topics:
-    """The five topic names for one deployment."""
+    """The six topic names for one deployment."""
 
     prefix: str = DEFAULT_PREFIX
 
@@ -33,8 +33,13 @@ class Topics:
         return f"{self.prefix}.rounds"
 
     @property
+    def canary(self) -> str:
+        """One CanaryDecision per canary trial (docs/design.md)."""
+        return f"{self.prefix}.canary"
+
+    @property
     def dlq(self) -> str:
         return f"{self.prefix}.feedback.dlq"
 
     def all(self) -> list[str]:
-        return [self.interactions, self.feedback, self.models, self.rounds, self.dlq]
+        return [self.interactions, self.feedback, self.models, self.rounds, self.canary, self.dlq]

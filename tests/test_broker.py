@@ -48,7 +48,8 @@ def test_start_is_idempotent_and_status_reports_running(kafka_bootstrap, capsys)
 def test_topics_fixture_creates_copartitioned_topics(kafka_bootstrap, topics):
     counts = _partition_counts(kafka_bootstrap, topics.all())
     assert counts == {
-        topics.interactions: 2, topics.feedback: 2, topics.models: 1, topics.rounds: 1, topics.dlq: 1
+        topics.interactions: 2, topics.feedback: 2, topics.models: 1, topics.rounds: 1, topics.canary: 1,
+        topics.dlq: 1,
     }  # fmt: skip
 
     ensure_topics(kafka_bootstrap, topics, partitions=5)  # existing topics are kept as they are

@@ -110,10 +110,10 @@ def wait_for_broker(bootstrap: str, timeout_s: float = 60.0) -> None:
 def ensure_topics(
     bootstrap: str, topics: Topics, *, partitions: int, replication: int = 1, timeout_s: float = 30.0
 ) -> None:
-    """Creates those of the five topics of `topics` that do not exist, and waits for every partition's leader.
+    """Creates those of the six topics of `topics` that do not exist, and waits for every partition's leader.
 
     interactions and feedback get `partitions` each (the reward join needs them co-partitioned); models,
-    rounds and dlq one partition (models and rounds: one total order of versions and of rounds).
+    rounds, canary and dlq one partition (the first three: one total order of versions, rounds, trials).
     Existing topics are left as they are.
 
     Raises:
@@ -126,7 +126,7 @@ def ensure_topics(
     deadline = time.monotonic() + timeout_s
     wanted = {
         topics.interactions: partitions, topics.feedback: partitions,
-        topics.models: 1, topics.rounds: 1, topics.dlq: 1,
+        topics.models: 1, topics.rounds: 1, topics.canary: 1, topics.dlq: 1,
     }  # fmt: skip
     with _admin(bootstrap, timeout_s) as admin:
         existing = _partition_counts(admin, list(wanted))
