@@ -290,7 +290,8 @@ class TgiHttp:
         return self._runner.addresses[0][1]
 
     async def stop(self) -> None:
-        """/health turns 503 at once; in-flight answers get the shutdown grace to finish."""
+        """Stops listening; answers in flight get the shutdown grace to finish (meanwhile /health answers
+        503 on connections still open)."""
         self.serving = False
         if self._runner is not None:
             await self._runner.cleanup()
