@@ -106,7 +106,7 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
         usage). `request` holds what the Interaction records besides (user_id; messages may be empty);
         `context` needs `abort` like a grpc.aio context; `method` labels the metrics."""
         with _observed(method) as status:
-            prepared = await self._submit(prompt, prompt_ids, params, context, status)
+            prepared = await self._submit(prompt, prompt_ids, params, context, status, request.user_id)
             async for item in self._answer(request, prepared, context, status):
                 yield item
 
@@ -171,13 +171,18 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             prompt_ids = self.engine.encode_chat(messages)
         except RequestError as e:
             await _abort(context, status, e)
-        return await self._submit(prompt, prompt_ids, params, context, status)
+        return await self._submit(prompt, prompt_ids, params, context, status, request.user_id)
 
-    async def _submit(self, prompt, prompt_ids, params, context, status) -> "_Prepared":
-        """Queues a prompt if it fits the context; aborts with RESOURCE_EXHAUSTED or UNAVAILABLE if not."""
+    async def _submit(self, prompt, prompt_ids, params, context, status, user_id: str = "") -> "_Prepared":
+        """Queues a prompt if it fits the context; aborts with RESOURCE_EXHAUSTED or UNAVAILABLE if not.
+        During a canary trial the in-process engine picks the version by a hash of `user_id`."""
         try:
             check_prompt_fits(len(prompt_ids), params.max_new_tokens, self.engine.context_length)
-            return _Prepared(prompt, prompt_ids, params, self.engine.submit(prompt_ids, params))
+            if isinstance(self.engine, PolicyEngine):
+                stream = self.engine.submit(prompt_ids, params, route_key=user_id or None)
+            else:  # a remote backend serves one version
+                stream = self.engine.submit(prompt_ids, params)
+            return _Prepared(prompt, prompt_ids, params, stream)
         except RequestError as e:
             await _abort(context, status, e)
         except QueueFull as e:

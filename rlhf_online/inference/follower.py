@@ -4,6 +4,11 @@ Every replica reads every event (manual partition assignment, no consumer group)
 thread while serving goes on; new requests start on it at once while rows already running finish on the
 old one, so no request fails or mixes versions.
 A version whose checksums do not verify, or that does not load, is refused and serving stays where it is.
+
+Canary trials (docs/design.md): CANARY loads the version as a second resident model that serves the share
+`metrics["canary_share"]` of new requests; PROMOTED makes it the stable model for all traffic (loaded then if
+this replica did not have it, e.g. it started during the trial); PUBLISHED and ROLLED_BACK serve their version
+for all traffic, which withdraws any canary. A replica that starts during a trial serves stable only.
 """
 
 import logging
@@ -14,7 +19,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from rlhf_online.broker.clients import make_consumer, wait_for_partitions
-from rlhf_online.contract import POLICY
+from rlhf_online.contract import CANARY_SHARE, POLICY
 from rlhf_online.engine.engine import PolicyEngine
 from rlhf_online.inference import metrics
 from rlhf_online.proto.rlhf.v1 import events_pb2
@@ -70,14 +75,17 @@ class ModelFollower:
         if event.kind != events_pb2.POLICY:
             return False
         with self._apply_lock:
-            if event.version == self._target:
+            if event.action == events_pb2.CANARY:
+                return self._start_canary(event)
+            if event.action == events_pb2.PROMOTED and self.engine.promote_canary(event.version):
+                self._target = event.version
+                log.info("canary %s promoted; it serves all new requests", event.version)
                 return True
-            try:
-                path = self.registry.verify(POLICY, event.version)
-                model = self.load_model(path)
-            except (RegistryError, OSError, ValueError) as e:
-                metrics.SWAP_FAILURES.inc()
-                log.error("refusing policy %s: %s; still serving %s", event.version, e, self._target)
+            if event.version == self._target:
+                self.engine.end_canary()  # serving `version` for all traffic withdraws any canary
+                return True
+            model = self._load(event.version)
+            if model is None:
                 return False
             self.engine.swap(model, event.version)
             self._target = event.version
@@ -85,6 +93,33 @@ class ModelFollower:
         action = events_pb2.ModelAction.Name(event.action)
         log.info("policy %s loaded (%s); new requests start on it", event.version, action)
         return True
+
+    def _start_canary(self, event: events_pb2.ModelEvent) -> bool:
+        """Loads the CANARY event's version beside the stable one (the lock is held)."""
+        share = event.metrics.get(CANARY_SHARE, 0.0)
+        if not 0.0 < share < 1.0 or event.version == self._target:
+            metrics.SWAP_FAILURES.inc()
+            log.error(
+                "refusing canary %s: its %s is %s (wanted in (0, 1)) or it is the stable version %s",
+                event.version, CANARY_SHARE, share, self._target,
+            )  # fmt: skip
+            return False
+        if self.engine.canary is not None and self.engine.canary[0] == event.version:
+            return True
+        model = self._load(event.version)
+        if model is None:
+            return False
+        self.engine.start_canary(model, event.version, share)
+        return True
+
+    def _load(self, version: str):
+        """The verified version's model, or None (logged and counted) when it cannot be served."""
+        try:
+            return self.load_model(self.registry.verify(POLICY, version))
+        except (RegistryError, OSError, ValueError) as e:
+            metrics.SWAP_FAILURES.inc()
+            log.error("refusing policy %s: %s; still serving %s", version, e, self._target)
+            return None
 
     def _run(self) -> None:
         while not self._stop.is_set():
