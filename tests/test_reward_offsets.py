@@ -111,3 +111,17 @@ def test_revoking_forgets_what_was_read_and_buffered_there_and_nothing_else():
     assert book.assign([FB0]) == {FB0: 2}
     read_all(book, FB0, [2])
     assert book.committable()["t.feedback:0"] == 3
+
+
+def test_a_partition_owned_again_seeks_back_to_where_nothing_it_dropped_was_buffered():
+    """kafka-python keeps the position of a partition a rebalance gives back to the same consumer; the join
+    dropped what it held there, so the book must say where to read again from."""
+    book = OffsetBook()
+    book.assign([FB0, FB1])
+    read_all(book, FB0, range(5, 9))  # the group's committed offset was 5
+    book.hold(FB0, 6)
+    book.revoke([FB0, FB1])
+    assert book.assign([FB0, FB1]) == {FB0: 5}  # never read partition 1: its own position is right
+    book.published({"t.feedback:0": 7})
+    book.revoke([FB0])
+    assert book.assign([FB0]) == {FB0: 7}  # a checkpoint has it now

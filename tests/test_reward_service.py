@@ -1,13 +1,16 @@
 """The reward service in-process against the real broker: join in both orders, duplicates, dead letters,
 held-out figures, checkpoints with their offsets, ModelEvents, committed offsets, health, resume."""
 
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kafka import KafkaConsumer, TopicPartition
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 
 from rlhf_online import contract
-from rlhf_online.broker.clients import make_producer, read_topic
+from rlhf_online.broker.clients import make_consumer, make_producer, read_topic
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Registry
 from rlhf_online.reward import checkpoint
@@ -145,6 +148,47 @@ def test_service_joins_dead_letters_checkpoints_commits_and_resumes(
     ids = checkpoint.applied_event_ids(registry.verify("reward", registry.latest("reward")))
     assert sorted(ids) == sorted(ex.event_id for ex in examples + more)
     assert registry.manifest("reward", registry.latest("reward")).parent_version == latest
+
+
+def test_a_rebalance_that_hands_partitions_back_loses_nothing_the_join_held(
+    kafka_bootstrap, topics, tmp_path, tiny_model_dir
+):
+    """On revocation the service drops the join's buffers; kafka-python keeps the position of a partition a
+    rebalance gives back to the same consumer, so the service must read it again from where nothing was
+    buffered, or the interactions it held are gone and their ratings never match."""
+    examples = synthetic_examples(20, seed=6)
+    producer = make_producer(kafka_bootstrap, client_id="test-reward-rebalance")
+    for ex in examples:  # 1. interactions only: the join holds every one, waiting for its ratings
+        send(producer, topics.interactions, ex.response_id, to_events(ex)[0])
+    producer.flush()
+    service = create_service(make_config(kafka_bootstrap, topics, tmp_path, tiny_model_dir))
+    service.start()
+    try:
+        assert service.wait_until(lambda s: s.join.n_interactions == 20, timeout_s=60)
+        # 2. A second member joins the group, so the service keeps one partition of each topic, then leaves.
+        intruder = make_consumer(
+            kafka_bootstrap,
+            group_id=service.group_id,
+            client_id="test-reward-intruder",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+        )
+        intruder.subscribe([topics.interactions, topics.feedback])
+        deadline = time.monotonic() + 60
+        while not intruder.assignment() and time.monotonic() < deadline:
+            intruder.poll(timeout_ms=100)
+        assert len(intruder.assignment()) == 2
+        intruder.close(autocommit=False)
+        assert service.wait_until(lambda s: len(s.offsets.owned) == 4, timeout_s=60)
+        # 3. The ratings arrive: each finds its interaction, on the partitions kept and on those handed back.
+        for ex in examples:
+            send(producer, topics.feedback, ex.response_id, to_events(ex)[1])
+        producer.flush()
+        done = service.wait_until(lambda s: s.examples_applied == 20, timeout_s=60)
+        assert done, (service.examples_applied, service.join.n_interactions, service.join.n_waiting)
+    finally:
+        producer.close()
+        service.stop()
+    assert service.error is None and service.dead_letters == 0
 
 
 def end_offsets(bootstrap: str, topic: str) -> list[int]:

@@ -7,7 +7,12 @@ yet; committing past it would lose it in a crash. So, per partition, `OffsetBook
 - the next offset to read (everything below was read);
 - the offsets still buffered, with a count (a rating can be held by the join, then by a pending update);
 - the offsets of the last checkpoint, where an assigned partition starts, and what a partition that was not
-  read since keeps.
+  read since keeps;
+- the first offset read per partition, where a partition owned again starts if no checkpoint has it yet.
+
+A revoked partition's buffers are dropped, so when it is assigned again it must be read again from a point
+where nothing was buffered: kafka-python (3.0) keeps the position of a partition that a rebalance gives back
+to the same consumer, which would skip what the buffers held, so `assign` says where to seek.
 
 `committable()` gives, per partition read since, the lowest buffered offset, else the next offset to read.
 A partition is `(topic, partition)`; kafka-python's `TopicPartition` is such a tuple, so the service passes
@@ -38,6 +43,7 @@ class OffsetBook:
         self._next: dict[Partition, int] = {}  # next offset to read, per partition read since assignment
         self._held: dict[Partition, Counter[int]] = {}  # offset -> how many buffers hold it
         self._pending: dict[str, tuple[Partition, int]] = {}  # event_id -> its rating's place
+        self._first_read: dict[Partition, int] = {}  # where this process began reading each partition
 
     # ---- assignment ---------------------------------------------------------------------------------------
 
@@ -49,12 +55,13 @@ class OffsetBook:
         return partition in self._owned
 
     def assign(self, partitions: Iterable[Partition]) -> dict[Partition, int]:
-        """Takes `partitions` on; returns where to seek those the last checkpoint has (the others start at the
-        group's committed offset, which is never ahead of a checkpoint)."""
+        """Takes `partitions` on; returns where to seek each: the last checkpoint's offset, else the first
+        offset this process read there (one it owned before). A partition new to this process and to the
+        lineage needs no seek: it starts at the group's committed offset, never ahead of a checkpoint."""
         seeks = {}
         for p in partitions:
             self._owned.add(p)
-            offset = self._checkpointed.get(offset_key(*p))
+            offset = self._checkpointed.get(offset_key(*p), self._first_read.get(p))
             if offset is not None:
                 seeks[p] = offset
         return seeks
@@ -71,6 +78,7 @@ class OffsetBook:
 
     def read(self, partition: Partition, offset: int) -> None:
         """The record at `offset` was read (and is either used up now or held by `hold`)."""
+        self._first_read.setdefault(partition, offset)
         self._next[partition] = offset + 1
 
     def hold(self, partition: Partition, offset: int) -> None:
