@@ -2,6 +2,7 @@
 bytes and why, so a person can look at them. They are sent without waiting; `flush()` makes them durable
 before a checkpoint commits offsets past them (a dead letter the broker refused must not be skipped)."""
 
+import dataclasses
 import logging
 
 from rlhf_online import contract
@@ -11,6 +12,13 @@ from rlhf_online.reward.join import INTERACTIONS, DeadLetter
 from rlhf_online.topics import Topics
 
 log = logging.getLogger(__name__)
+
+# Key (twice: the record's and the DeadLetter's) plus value of one dead letter, so that it fits in one Kafka
+# record under the default 1 MiB limits (producer max_request_size, broker message.max.bytes) with its reason.
+MAX_DEAD_LETTER_BYTES = 1_000_000
+_KEEP_KEY_BYTES = 1024  # of a key that would not fit
+# The `reason` label of rlhf_reward_dlq_total: a closed set, since reasons carry ids from the wire.
+REASON_LABELS = ("cannot parse", "empty record value", "expired", "evicted", "internal error")
 
 
 def source_topic(topics: Topics, side: str) -> str:
@@ -28,6 +36,7 @@ class DeadLetterOutbox:
         self.sent = 0
 
     def send(self, dead: DeadLetter) -> None:
+        dead = fit(dead)
         topic = source_topic(self._topics, dead.side)
         msg = events_pb2.DeadLetter(
             source_topic=topic,
@@ -41,7 +50,7 @@ class DeadLetterOutbox:
         future = self._producer.send(self._topics.dlq, key=dead.key, value=msg.SerializeToString())
         self._futures.append(future)
         self.sent += 1
-        metrics.DLQ.labels(dead.reason.split(":", 1)[0]).inc()
+        metrics.DLQ.labels(reason_label(dead.reason)).inc()
         log.warning("dead-lettered %s:%d@%d: %s", topic, dead.partition, dead.offset, dead.reason)
 
     def flush(self) -> None:
@@ -61,3 +70,23 @@ class DeadLetterOutbox:
                 f"{len(failed)} dead letters were not acknowledged by the broker ({failed[0].exception}); "
                 "not committing offsets past them. Check the broker and restart the reward service."
             )
+
+
+def fit(dead: DeadLetter) -> DeadLetter:
+    """`dead`, with its key and value cut if it would not fit in one Kafka record, saying so in its reason
+    (the broker refusing it would stop the service: no offset past a dead letter may be committed)."""
+    key, value = dead.key or b"", dead.value or b""
+    if 2 * len(key) + len(value) <= MAX_DEAD_LETTER_BYTES:
+        return dead
+    cut_key = key[:_KEEP_KEY_BYTES]
+    cut_value = value[: MAX_DEAD_LETTER_BYTES - 2 * len(cut_key)]
+    reason = (
+        f"{dead.reason} (key and value cut from {len(key)} and {len(value)} bytes to {len(cut_key)} and "
+        f"{len(cut_value)} to fit the dead-letter topic)"
+    )
+    return dataclasses.replace(dead, key=cut_key or dead.key, value=cut_value, reason=reason)
+
+
+def reason_label(reason: str) -> str:
+    """The metric label of a reason: its kind from `REASON_LABELS`, else "invalid"."""
+    return next((label for label in REASON_LABELS if reason.startswith(label)), "invalid")

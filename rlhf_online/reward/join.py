@@ -25,7 +25,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from rlhf_online.reward.records import Feedback, Interaction, LabelledExample, join
+from rlhf_online.reward.records import Feedback, Interaction, LabelledExample, join, shorten
 
 INTERACTIONS = "interactions"
 FEEDBACK = "feedback"
@@ -234,8 +234,9 @@ class JoinBuffer:
                 if waiting is not None and waiting.offset == offset:
                     self._remove_waiting(eid)
                     self.counts["feedback_expired"] += 1
+                    rid = shorten(waiting.feedback.response_id)
                     reason = (
-                        f"expired: no interaction for response_id {waiting.feedback.response_id} within TTL "
+                        f"expired: no interaction for response_id {rid} within TTL "
                         f"({self.ttl_ms / 1000:.0f}s of stream time)"
                     )
                     out.dead.append(_dead_letter(waiting, reason))

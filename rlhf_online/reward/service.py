@@ -232,8 +232,9 @@ class RewardService:
     def _join(self, side: str, partition: int, record) -> JoinOutput:
         """Parses the record and joins it; a rating this lineage has seen is counted and goes no further."""
         if side == INTERACTIONS:
-            return self.join.add_interaction(partition, record.offset, parse_interaction(record.value))
-        feedback = parse_feedback(record.value)
+            interaction = parse_interaction(record.value, record.timestamp)
+            return self.join.add_interaction(partition, record.offset, interaction)
+        feedback = parse_feedback(record.value, record.timestamp)
         if self.learner.seen(feedback.event_id) or self.join.is_waiting(feedback.event_id):
             self.duplicates += 1
             metrics.DUPLICATES.inc()
