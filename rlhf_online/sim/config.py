@@ -9,6 +9,20 @@ class SimulateConfig:
     """Simulated users who chat with the policy, judge each answer by a hidden preference and rate it."""
 
     target: str = field(default="127.0.0.1:50051", metadata={"help": "host:port of the ChatService."})
+    protocol: str = field(
+        default="grpc",
+        metadata={
+            "help": "How users chat: grpc (Chat/ChatStream) or tgi (TGI's HTTP API at --tgi-target; ratings "
+            "still go through gRPC SubmitFeedback at --target)."
+        },
+    )
+    tgi_target: str = field(
+        default="", metadata={"help": "Base URL of the TGI front end (serve-inference --tgi-port)."}
+    )
+    tokenizer_dir: str = field(
+        default="",
+        metadata={"help": "Over TGI: the model folder whose chat template renders the prompt; empty: raw."},
+    )
     prompts_file: str = field(
         default="",
         metadata={"help": "Prompt file, one prompt per line ('#' comments); empty: the built-in one."},
@@ -58,6 +72,10 @@ class SimulateConfig:
     log_level: str = field(default="INFO", metadata={"help": "Python log level."})
 
     def __post_init__(self) -> None:
+        if self.protocol not in ("grpc", "tgi"):
+            raise ValueError(f"protocol={self.protocol!r}; use grpc or tgi")
+        if self.protocol == "tgi" and not self.tgi_target:
+            raise ValueError("--protocol tgi needs --tgi-target http://HOST:PORT (inference --tgi-port)")
         if not 0.0 <= self.rater_noise <= 0.5:
             raise ValueError(f"rater_noise={self.rater_noise} must be in [0, 0.5] (0.5 is a coin flip)")
         if not 0.0 < self.rated_share <= 1.0:
@@ -136,6 +154,9 @@ class DemoConfig:
     topic_prefix: str = field(
         default="", metadata={"help": "Topic prefix of this run; empty: demo-<timestamp>, so runs never mix."}
     )
+    protocol: str = field(
+        default="grpc", metadata={"help": "How the users chat: grpc, or tgi (TGI's HTTP API of inference)."}
+    )
     judge: str = field(
         default="lowercase", metadata={"help": "Hidden preference of the users (see simulate)."}
     )
@@ -185,6 +206,8 @@ class DemoConfig:
             raise ValueError("duration_s must be > 0")
         if self.refresh_s <= 0 or self.startup_timeout_s <= 0 or self.shutdown_timeout_s <= 0:
             raise ValueError("refresh_s, startup_timeout_s and shutdown_timeout_s must be > 0")
+        if self.protocol not in ("grpc", "tgi"):
+            raise ValueError(f"protocol={self.protocol!r}; use grpc or tgi")
         if self.torch_threads < 0:
             raise ValueError("torch_threads must be >= 0")
         if self.baseline_answers < 0 or self.final_answers < 0:

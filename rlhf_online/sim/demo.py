@@ -95,6 +95,7 @@ class Demo:
         self.display = Display(out)
         self.env = dict(os.environ if env is None else env)
         self.services: Services | None = None
+        self.model_dir: Path | None = None
         self.bootstrap = config.kafka_bootstrap
         self.started_broker = False
         self.follower: EventFollower | None = None
@@ -114,7 +115,7 @@ class Demo:
         self.display.say(f"run folder {self.run_dir}  (topics {self.topics.prefix}.*)")
         simulated = False
         try:
-            model_dir = await self._model_dir()
+            model_dir = self.model_dir = await self._model_dir()
             await self._broker()
             await self._start_services(model_dir)
             if not self.stop.is_set():
@@ -271,6 +272,9 @@ class Demo:
         self._phases_run += 1
         return SimulateConfig(
             target=f"127.0.0.1:{self.services.inference.grpc_port}",
+            protocol=c.protocol,
+            tgi_target=f"http://127.0.0.1:{self.services.inference.tgi_port}" if c.protocol == "tgi" else "",
+            tokenizer_dir=str(self.model_dir) if c.protocol == "tgi" else "",
             judge=c.judge,
             judge_args=c.judge_args,
             rater_noise=c.rater_noise,

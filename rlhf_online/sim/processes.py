@@ -73,6 +73,7 @@ class Service:
     metrics_port: int
     health_service: str  # the name whose health means "ready" ("" = the whole server)
     log_path: Path
+    tgi_port: int = -1  # inference's TGI HTTP port when the users chat over TGI (-1: off)
     proc: subprocess.Popen | None = None
 
     def start(self, env: Mapping[str, str]) -> None:
@@ -147,13 +148,16 @@ def _service(name: str, config: DemoConfig, common: dict, tiny: bool, run_dir: P
         **DEMO_FLAGS[name],
         **(TINY_MODEL_FLAGS.get(name, {}) if tiny else {}),
     }
+    tgi_port = free_port() if name == "inference" and config.protocol == "tgi" else -1
     if name == "inference":
         flags["--signing-key"] = secrets.token_hex(32)
+        flags["--tgi-port"] = str(tgi_port)
     else:
         flags["--seed"] = str(config.seed)
     command = cli(f"serve-{name}", *_flags(flags), *shlex.split(getattr(config, f"{name}_args")))
     health = CHAT_SERVICE if name == "inference" else ""
-    return Service(name, command, grpc_port, metrics_port, health, run_dir / "logs" / f"{name}.log")
+    log = run_dir / "logs" / f"{name}.log"
+    return Service(name, command, grpc_port, metrics_port, health, log, tgi_port=tgi_port)
 
 
 def service_commands(

@@ -23,12 +23,15 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import aiohttp
 import grpc
 
 from rlhf_online.config import parse_config
+from rlhf_online.contract import now_ms
 from rlhf_online.proto.rlhf.v1 import chat_pb2, chat_pb2_grpc
 from rlhf_online.sim.config import SimulateConfig
 from rlhf_online.sim.judges import Judge, load_judge, noisy, thumbs_up_probability
+from rlhf_online.sim.tgi_chat import TgiChat, TgiError
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +171,10 @@ class Simulator:
         config: SimulateConfig,
         *,
         on_outcome: Callable[[Outcome], None] | None = None,
+        tgi: TgiChat | None = None,
     ) -> None:
         self.stub = chat_pb2_grpc.ChatServiceStub(channel)
+        self.tgi = tgi  # chat over TGI's HTTP API instead of gRPC
         self.prompts, self.judge, self.config = list(prompts), judge, config
         self.on_outcome = on_outcome
         self.summary = Summary()
@@ -231,18 +236,21 @@ class Simulator:
         prompt = rng.choice(self.prompts)
         stream = rng.random() < self.config.stream_share
         rate_it = rng.random() < self.config.rated_share
-        outcome = Outcome(
-            index=index, user_id=user_id, prompt=prompt, stream=stream, started_ms=int(time.time() * 1000)
-        )
+        outcome = Outcome(index=index, user_id=user_id, prompt=prompt, stream=stream, started_ms=now_ms())
         request = chat_pb2.ChatRequest(
             messages=[chat_pb2.Message(role="user", content=prompt)], user_id=user_id, params=self._params()
         )
         start = time.monotonic()
         try:
-            if stream:
+            if self.tgi is not None:
+                await self._chat_tgi(request, outcome)
+            elif stream:
                 await self._chat_stream(request, outcome)
             else:
                 await self._chat(request, outcome)
+        except (TgiError, aiohttp.ClientError, TimeoutError) as e:
+            outcome.error = f"TGI {'generate_stream' if stream else 'generate'}: {e}"
+            return outcome
         except grpc.aio.AioRpcError as e:
             outcome.error = f"{'ChatStream' if stream else 'Chat'} {e.code().name}: {e.details()}"
             log.debug("request %d failed: %s", index, outcome.error)
@@ -269,6 +277,18 @@ class Simulator:
         outcome.response_id, outcome.text = response.response_id, response.text
         outcome.model_version, outcome.finish_reason = response.model_version, response.finish_reason
         outcome.completion_tokens = response.usage.completion_tokens
+
+    async def _chat_tgi(self, request: chat_pb2.ChatRequest, outcome: Outcome) -> None:
+        params = {"max_new_tokens": request.params.max_new_tokens or None}
+        if request.params.HasField("temperature"):
+            t = request.params.temperature
+            params.update({"do_sample": True, "temperature": t} if t > 0 else {"do_sample": False})
+        else:
+            params["do_sample"] = True  # the gRPC service's default: sampling at temperature 1
+        got = await self.tgi.answer(outcome.prompt, outcome.user_id, params, outcome.stream)
+        outcome.text, outcome.response_id = got["text"], got["response_id"]
+        outcome.model_version, outcome.finish_reason = got["model_version"], got["finish_reason"]
+        outcome.completion_tokens = got["completion_tokens"]
 
     async def _chat_stream(self, request: chat_pb2.ChatRequest, outcome: Outcome) -> None:
         pieces = []
@@ -325,9 +345,14 @@ async def simulate(
             on_outcome(outcome)
 
     try:
-        async with grpc.aio.insecure_channel(config.target) as channel:
-            simulator = Simulator(channel, prompts, judge, config, on_outcome=record)
-            summary = await simulator.run(stop)
+        tgi = TgiChat(config.tgi_target, config.tokenizer_dir) if config.protocol == "tgi" else None
+        try:
+            async with grpc.aio.insecure_channel(config.target) as channel:
+                simulator = Simulator(channel, prompts, judge, config, on_outcome=record, tgi=tgi)
+                summary = await simulator.run(stop)
+        finally:
+            if tgi is not None:
+                await tgi.close()
     finally:
         if sink is not None:
             sink.close()
