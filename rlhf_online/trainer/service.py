@@ -21,6 +21,7 @@ from their ModelEvents only. Without Kafka (`--kafka-bootstrap ""`) the start-up
 """
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -30,12 +31,12 @@ from pathlib import Path
 
 import torch
 from google.protobuf.message import DecodeError
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_online.broker.clients import make_consumer, make_producer, wait_for_broker, wait_for_partitions
-from rlhf_online.contract import POLICY, REWARD, RewardFigure, kind_name
+from rlhf_online.contract import KINDS, POLICY, REWARD, RewardFigure, kind_name
 from rlhf_online.engine.chat_format import render_prompt
 from rlhf_online.health import HealthServer
 from rlhf_online.proto.rlhf.v1 import events_pb2
@@ -116,6 +117,7 @@ class TrainerService:
         self.gate_rejections = 0
         self.rounds_failed = 0
         self.rounds_abandoned = 0
+        self.bad_records = 0  # Kafka records skipped as unusable
         self.last_result: RoundResult | None = None
         self.last_published: str | None = None
         self.grpc_port: int | None = None
@@ -282,40 +284,61 @@ class TrainerService:
             self._stop.wait(1.0)
             return
         for tp, records in batches.items():
-            handle = self._add_model_event if tp.topic == self.topics.models else self._add_interaction
             for record in records:
-                handle(record.value)
+                self._take(tp, record)
         metrics.NEW_RATINGS.set(self.new_ratings)
 
-    def _add_interaction(self, value: bytes) -> None:
+    def _take(self, tp: TopicPartition, record) -> None:
+        """One record; one the trainer cannot use is skipped and counted (it must not stop the trainer)."""
+        handle = self._add_model_event if tp.topic == self.topics.models else self._add_interaction
         try:
-            event = events_pb2.Interaction.FromString(value)
-        except DecodeError as e:  # a garbled record must not stop the trainer
-            log.warning("skipping an unreadable interaction: %s", e)
-            return
+            problem = handle(record.value)
+        except Exception as e:  # a bug: keep going, with the traceback in the log
+            log.exception("unexpected error on %s:%d@%d", tp.topic, tp.partition, record.offset)
+            problem = f"internal error: {type(e).__name__}: {e}"
+        if problem:
+            self.bad_records += 1
+            log.warning("skipping %s:%d@%d: %.300s", tp.topic, tp.partition, record.offset, problem)
+
+    def _add_interaction(self, value: bytes | None) -> str | None:
+        """Pools the interaction's prompt; what is wrong with the record, if anything."""
+        event, problem = _decode(events_pb2.Interaction, value)
+        if event is None:
+            return problem
         if event.prompt:
             self._pool.append(event.prompt)
         elif event.messages:
             self._pool.append(tuple((m.role, m.content) for m in event.messages))
+        else:
+            return "interaction has neither prompt nor messages"
+        return None
 
-    def _add_model_event(self, value: bytes) -> None:
-        """Reward PUBLISHED events move the newest reward checkpoint; the rest (policy events) are ignored."""
-        try:
-            event = events_pb2.ModelEvent.FromString(value)
-        except DecodeError as e:
-            log.warning("skipping an unreadable ModelEvent: %s", e)
-            return
+    def _add_model_event(self, value: bytes | None) -> str | None:
+        """Reward PUBLISHED events move the newest reward checkpoint; the rest (policy events) are ignored.
+        Returns what is wrong with the record, if anything: a reward version that is not in the registry
+        would otherwise, if numbered high, hide every real one after it."""
+        event, problem = _decode(events_pb2.ModelEvent, value)
+        if event is None:
+            return problem
+        if kind_name(event.kind) not in KINDS:
+            return f"ModelEvent of unknown kind {event.kind}"
         if kind_name(event.kind) != REWARD or event.action != events_pb2.PUBLISHED:
-            return
+            return None
+        ratings = event.metrics.get(RewardFigure.RATINGS_APPLIED, 0.0)
+        if not math.isfinite(ratings):
+            return f"reward {event.version:.64} has {RewardFigure.RATINGS_APPLIED} {ratings}"
+        try:
+            self.registry.manifest(REWARD, event.version)
+        except RegistryError as e:
+            return f"reward ModelEvent of a version the registry cannot show: {e}"
         if RewardFigure.RATINGS_APPLIED not in event.metrics:
             log.warning(
                 "reward ModelEvent %s has no %s figure; counting 0",
                 event.version,
                 RewardFigure.RATINGS_APPLIED,
             )
-        self._see_reward(
-            RewardCheckpoint(event.version, int(event.metrics.get(RewardFigure.RATINGS_APPLIED, 0)))
-        )
+        self._see_reward(RewardCheckpoint(event.version, int(ratings)))
+        return None
 
     def _see_reward(self, reward: RewardCheckpoint) -> None:
         """Keeps the newest reward checkpoint (a replayed older event changes nothing)."""
@@ -540,6 +563,17 @@ class TrainerService:
             self._reference = (version, load_reference(self.registry.verify(POLICY, version), self.device))
             log.info("reference policy is %s", version)
         return self._reference
+
+
+def _decode(cls, value: bytes | None):
+    """(the message, None), or (None, why `value` is not a `cls`)."""
+    name = cls.DESCRIPTOR.full_name
+    if value is None:
+        return None, f"no value; expected a serialized {name}"
+    try:
+        return cls.FromString(value), None
+    except DecodeError as e:
+        return None, f"not a {name}: {e}"
 
 
 class _NotReady(Exception):
