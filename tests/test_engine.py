@@ -82,6 +82,11 @@ def test_incremental_decoder_holds_back_incomplete_characters():
     assert pieces == ["", "é", "!"]
     assert decoder.flush() == "" and decoder.text() == "é!"
 
+    cut = IncrementalDecoder(Bytes())  # max_new_tokens ends the answer inside a two-byte character
+    pieces = [cut.push(b) for b in "aé".encode()[:2]]
+    assert pieces == ["a", ""]
+    assert cut.flush() == "" and cut.text() == "a"  # no U+FFFD at the end
+
 
 # KV-cache batch operations.
 

@@ -104,13 +104,15 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """The text held back so far, once no more tokens will come."""
-        rest = self.text()[len(self.emitted) :] if self.text().startswith(self.emitted) else ""
+        text = self.text()
+        rest = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted += rest
         return rest
 
     def text(self) -> str:
-        """The whole text decoded so far."""
-        return self._decode(self.ids)
+        """The whole text decoded so far, without a character whose bytes were cut off (an answer that hit
+        max_new_tokens inside a multi-byte character ends before it, instead of with U+FFFD)."""
+        return self._decode(self.ids).removesuffix("\ufffd")
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
