@@ -1,8 +1,8 @@
 """`rlhf.v1.ChatService`: Chat, ChatStream and SubmitFeedback on grpc.aio.
 
-Every answer comes from exactly one policy version (the engine swaps only between batches) and says which;
-it is published to the interactions topic without blocking the caller. A rating is acknowledged only after the
-broker stored it.
+Every answer comes from exactly one policy version (a row that started on a version finishes on it) and says
+which; it is published to the interactions topic without blocking the caller. A rating is acknowledged only
+after the broker stored it, and the Interaction of the answer it rates (when this process served that answer).
 """
 
 import asyncio
@@ -144,13 +144,8 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
                     ),
                 )
             event = _feedback_event(request, verified.model_version)
-            try:  # holds no thread while the broker acknowledges (events.py)
-                await self.events.publish_acked_async(
-                    self.topics.feedback,
-                    request.response_id.encode(),
-                    event.SerializeToString(),
-                    self._ack_timeout(context),
-                )
+            try:
+                await self._store(event, self._ack_timeout(context))
             except PublishError as e:
                 self.votes.release(request.response_id, request.user_id)
                 await _abort(
@@ -161,6 +156,19 @@ class ChatService(chat_pb2_grpc.ChatServiceServicer):
             self.votes.commit(request.response_id, request.user_id)
             metrics.FEEDBACK.labels(chat_pb2.Rating.Name(request.rating)).inc()
             return chat_pb2.FeedbackResponse(event_id=event.event_id)
+
+    async def _store(self, event: events_pb2.FeedbackEvent, timeout_s: float) -> None:
+        """Publishes a rating once the broker has its answer's Interaction (still in this process's outbox
+        when the rating follows the answer at once), then waits for its ack; holds no thread (events.py).
+
+        Raises:
+            PublishError: either was not acknowledged within `timeout_s` (both waits together).
+        """
+        key = event.response_id.encode()
+        deadline = time.monotonic() + timeout_s
+        await self.events.wait_background(self.topics.interactions, key, timeout_s)
+        left = max(0.05, deadline - time.monotonic())
+        await self.events.publish_acked_async(self.topics.feedback, key, event.SerializeToString(), left)
 
     async def _prepare(self, request, context, status) -> "_Prepared":
         """Validates a ChatRequest and renders its prompt; aborts the RPC with a clear status if it is bad."""

@@ -7,6 +7,8 @@ Two ways to publish, matching two promises:
   thousands of ratings can wait at once. `publish_acked` is the blocking form, for callers off the loop.
 - `publish_background` never blocks generation: records go to an outbox that a thread drains, retrying with
   backoff while the broker is down. Failures are counted and logged; nothing is dropped silently.
+  `wait_background` waits for one of them: SubmitFeedback awaits the answer's Interaction before it stores
+  the rating, so an acknowledged rating never refers to an Interaction that died in this process's outbox.
 """
 
 import asyncio
@@ -15,6 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kafka.errors import KafkaError
@@ -98,6 +101,29 @@ class KafkaEvents:
     def publish_background(self, topic: str, key: bytes, value: bytes) -> None:
         self._outbox.put(Record(topic, key, value))
 
+    async def wait_background(self, topic: str, key: bytes, timeout_s: float) -> None:
+        """Returns once no record of (`topic`, `key`) waits in the outbox: at once when none does (already
+        acknowledged, or never published by this process). Raises PublishError if one still waits after
+        `timeout_s`, or was given up on (outbox full, shutdown).
+
+        An answer's Interaction still in the outbox dies with the process (SIGKILL, OOM); a rating of it that
+        was acknowledged meanwhile could never be joined. Like `publish_acked_async`, it holds no thread.
+        """
+        loop = asyncio.get_running_loop()
+        acked = loop.create_future()
+        if not self._outbox.when_acked(topic, key, lambda error: _resolve_soon(loop, acked, error)):
+            return
+        expiry = loop.call_later(timeout_s, _expire, acked)
+        try:
+            await acked
+        except (TimeoutError, PublishError) as e:
+            raise PublishError(
+                f"the answer it rates is not stored yet (its {topic} record waits for the broker after "
+                f"{timeout_s:.1f}s): {e}"
+            ) from e
+        finally:
+            expiry.cancel()
+
     @property
     def pending(self) -> int:
         return self._outbox.pending
@@ -115,6 +141,8 @@ class Outbox:
         self._max_records = max_records
         self._queue: deque[Record] = deque()
         self._in_flight = 0
+        self._unacked: dict[tuple[str, bytes], int] = {}  # (topic, key) -> its records not acknowledged yet
+        self._waiters: dict[tuple[str, bytes], list[Callable[[Exception | None], None]]] = {}
         self._cond = threading.Condition()
         self._closing = False
         self._backoff_s = 0.0
@@ -134,9 +162,22 @@ class Outbox:
                 log.error(
                     "outbox full (%d records): dropped the oldest %s record", self._max_records, dropped.topic
                 )
+                self._settle(dropped, PublishError("the outbox was full and dropped it"))
             self._queue.append(record)
+            name = (record.topic, record.key)
+            self._unacked[name] = self._unacked.get(name, 0) + 1
             metrics.OUTBOX.set(len(self._queue) + self._in_flight)
             self._cond.notify()
+
+    def when_acked(self, topic: str, key: bytes, callback: Callable[[Exception | None], None]) -> bool:
+        """Arranges `callback(None)` once no record of (`topic`, `key`) waits, or `callback(error)` when one
+        is given up on; returns False, and never calls it, when none waits now. The callback runs in the
+        producer's thread (or the caller's), holding the outbox lock: it may only hand over."""
+        with self._cond:
+            if (topic, key) not in self._unacked:
+                return False
+            self._waiters.setdefault((topic, key), []).append(callback)
+            return True
 
     def close(self, timeout_s: float) -> None:
         """Waits up to `timeout_s` for the outbox to drain, then reports what is left."""
@@ -146,6 +187,8 @@ class Outbox:
                 self._cond.wait(timeout=0.1)
             self._closing = True
             left = list(self._queue)
+            for record in left:
+                self._settle(record, PublishError("the service shut down before the broker acknowledged it"))
             self._cond.notify_all()
         self._thread.join(timeout=5)
         self._producer.close(timeout=max(0.0, deadline - time.monotonic()))
@@ -175,13 +218,14 @@ class Outbox:
         except KafkaError as e:
             self._failed(record, e)
             return
-        future.add_callback(lambda _meta: self._done())
+        future.add_callback(lambda _meta: self._done(record))
         future.add_errback(lambda e: self._failed(record, e))
 
-    def _done(self) -> None:
+    def _done(self, record: Record) -> None:
         with self._cond:
             self._in_flight -= 1
             self._backoff_s = 0.0
+            self._settle(record)
             metrics.OUTBOX.set(len(self._queue) + self._in_flight)
             self._cond.notify_all()
 
@@ -196,6 +240,18 @@ class Outbox:
             self._backoff_s = min(5.0, max(0.1, self._backoff_s * 2))
             self._queue.appendleft(record)
             self._cond.notify_all()
+
+    def _settle(self, record: Record, error: Exception | None = None) -> None:
+        """One record of its (topic, key) is acknowledged or given up on; wakes the waiters on the last one.
+        Holds `self._cond`."""
+        name = (record.topic, record.key)
+        left = self._unacked.get(name, 0) - 1
+        if left > 0:
+            self._unacked[name] = left
+            return
+        self._unacked.pop(name, None)
+        for callback in self._waiters.pop(name, ()):
+            callback(error)
 
 
 def _expire(future: asyncio.Future) -> None:
@@ -244,6 +300,9 @@ class MemoryEvents:
 
     def publish_background(self, topic: str, key: bytes, value: bytes) -> None:
         self.records.append(Record(topic, key, value))
+
+    async def wait_background(self, topic: str, key: bytes, timeout_s: float) -> None:
+        pass  # records are stored as they are published
 
     @property
     def pending(self) -> int:
