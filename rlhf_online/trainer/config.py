@@ -6,6 +6,7 @@ Defaults are sized so that one round on the tiny model takes tens of seconds on 
 import math
 from dataclasses import dataclass, field
 
+from rlhf_online.canary.decision import CanaryConfig
 from rlhf_online.config import ServiceConfig, grpc_port_field, metrics_port_field
 
 _AT_LEAST_ONE = (
@@ -129,7 +130,51 @@ class TrainerConfig(ServiceConfig):
         },
     )
 
+    # ---- canary trials (docs/design.md) -------------------------------------------------------------------
+    canary_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of traffic a passed version serves first, beside the stable one, until the users' "
+            "thumbs promote or roll it back (0: off, a passed version serves everyone at once)."
+        },
+    )
+    canary_min_ratings: int = field(
+        default=50, metadata={"help": "Canary trial: no decision before each arm has this many ratings."}
+    )
+    canary_alpha: float = field(
+        default=0.05, metadata={"help": "Canary trial: bound on each wrong decision (promotion, rollback)."}
+    )
+    canary_margin: float = field(
+        default=0.05,
+        metadata={
+            "help": "Canary trial: promote when the canary's thumbs-up rate is significantly not worse than "
+            "stable's by more than this (0: only when significantly better)."
+        },
+    )
+    canary_max_ratings: int = field(
+        default=2000,
+        metadata={"help": "Canary trial: time out (roll back) when the canary arm has this many ratings."},
+    )
+    canary_max_seconds: float = field(
+        default=3600.0,
+        metadata={"help": "Canary trial: time out (roll back) this many seconds after it started (0: off)."},
+    )
+
+    def canary_config(self) -> CanaryConfig:
+        """The sequential test's settings (the mixture spread tau tuned to the margin, 0.05 without one)."""
+        return CanaryConfig(
+            alpha=self.canary_alpha, margin=self.canary_margin, tau=self.canary_margin or 0.05,
+            min_ratings_per_arm=self.canary_min_ratings, max_canary_ratings=self.canary_max_ratings,
+            max_duration_s=self.canary_max_seconds,
+        )  # fmt: skip
+
     def __post_init__(self) -> None:
+        if not 0.0 <= self.canary_share < 1.0:
+            raise ValueError(f"canary_share must be in [0, 1) (0: off), got {self.canary_share}")
+        try:
+            self.canary_config()
+        except ValueError as e:
+            raise ValueError(f"bad --canary-* setting: {e}") from e
         for name in _AT_LEAST_ONE:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -63,3 +63,27 @@ def record_round(stats: dict[str, float], gate: dict[str, float]) -> None:
     GATE_SCORE.labels("candidate").set(gate[RoundFigure.GATE_CANDIDATE_SCORE])
     GATE_SCORE.labels("serving").set(gate[RoundFigure.GATE_SERVING_SCORE])
     GATE_KL.set(gate[RoundFigure.GATE_KL_TO_REFERENCE])
+
+
+# Canary trials (rlhf_online/trainer/canary.py); arm: canary | stable, bound: lower | upper.
+CANARY_ACTIVE = Gauge("rlhf_trainer_canary_active", "1 while a canary trial runs, else 0.")
+CANARY_RATINGS = Gauge("rlhf_trainer_canary_ratings", "Ratings in the running canary trial, by arm.", ["arm"])
+CANARY_RATE = Gauge("rlhf_trainer_canary_thumbs_up_rate", "Thumbs-up rate in the trial, by arm.", ["arm"])
+CANARY_BOUND = Gauge(
+    "rlhf_trainer_canary_difference_bound",
+    "Always-valid confidence sequence on p_canary - p_stable in the running trial.",
+    ["bound"],
+)
+CANARY_DECISIONS = Counter(
+    "rlhf_trainer_canary_decisions_total", "Canary trials decided, by outcome and code.", ["outcome", "code"]
+)
+
+
+def record_trial(figures) -> None:
+    """Sets the canary gauges from a trial's `TrialFigures`."""
+    CANARY_RATINGS.labels("canary").set(figures.canary_ratings)
+    CANARY_RATINGS.labels("stable").set(figures.stable_ratings)
+    CANARY_RATE.labels("canary").set(figures.canary_rate)
+    CANARY_RATE.labels("stable").set(figures.stable_rate)
+    CANARY_BOUND.labels("lower").set(figures.lower)
+    CANARY_BOUND.labels("upper").set(figures.upper)

@@ -16,6 +16,10 @@ The loop (one thread; kafka-python consumers are not thread-safe):
 4. if the gate passes: publishes the version to the registry, then a ModelEvent (acks=all) to `rlhf.models`;
 5. publishes the round's RoundEvent to `rlhf.rounds`: PASSED, REJECTED, FAILED or ABANDONED.
 
+With `--canary-share` > 0 step 4 publishes the version without moving LATEST and starts a canary trial
+(trainer/canary.py): the loop then reads the trial's ratings from `rlhf.feedback`, starts no round, and after
+the decision (PROMOTED: LATEST moves to the canary; ROLLED_BACK: it stays) goes back to 1.
+
 At start-up it reads the registry's LATEST reward once, to resume; after that it learns of reward versions
 from their ModelEvents only. Without Kafka (`--kafka-bootstrap ""`) the start-up reward is all it knows.
 """
@@ -44,11 +48,19 @@ from rlhf_online.registry import Registry, RegistryError
 from rlhf_online.tls import server_credentials
 from rlhf_online.topics import Topics
 from rlhf_online.trainer import metrics
+from rlhf_online.trainer.canary import CanaryRunner
 from rlhf_online.trainer.config import TrainerConfig
 from rlhf_online.trainer.gate import RewardFn
 from rlhf_online.trainer.kl import make_kl_controller
 from rlhf_online.trainer.policy import PolicyWithValueHead, build_policy, load_reference
-from rlhf_online.trainer.publish import Publisher, RoundRecord, policy_event, publish_policy, round_event
+from rlhf_online.trainer.publish import (
+    Publisher,
+    RoundRecord,
+    canary_event,
+    policy_event,
+    publish_policy,
+    round_event,
+)
 from rlhf_online.trainer.round import RoundAbandoned, RoundResult, run_round
 from rlhf_online.trainer.triggers import RoundTrigger, split_prompts, version_number
 
@@ -136,6 +148,7 @@ class TrainerService:
         self._producer = None
         self._health: HealthServer | None = None
         self._waiting_logged: str | None = None
+        self.canary: CanaryRunner | None = None  # with --canary-share > 0, once Kafka is connected
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -147,6 +160,8 @@ class TrainerService:
             from rlhf_online.bootstrap import ensure_initial_policy
 
             ensure_initial_policy(self.registry, Path(self.config.base_model_dir))
+        if self.config.canary_share and not self.config.kafka_bootstrap:
+            raise ValueError("--canary-share needs --kafka-bootstrap: the trial reads the users' ratings")
         if self.config.kafka_bootstrap:
             self._connect_kafka()  # before the registry is read: no reward event falls in between
         self._resume_from_registry()
@@ -180,6 +195,8 @@ class TrainerService:
                     client.close()
                 except Exception as e:  # closing must not hide the shutdown
                     log.warning("closing a Kafka client failed: %s", e)
+        if self.canary is not None:
+            self.canary.close()
         if self._health is not None:
             self._health.stop()
         log.info(
@@ -263,6 +280,11 @@ class TrainerService:
         self._producer = make_producer(bootstrap, client_id="trainer")
         if self.publisher is None:
             self.publisher = Publisher(self._producer, self.topics)
+        if self.config.canary_share:
+            self.canary = CanaryRunner(
+                self.config.canary_config(), self.config.canary_share, self.registry, self.publisher,
+                self.topics, bootstrap,
+            )  # fmt: skip
         consumer = make_consumer(bootstrap, group_id=self.config.consumer_group, client_id="trainer")
         interactions = wait_for_partitions(consumer, self.topics.interactions)
         models = wait_for_partitions(consumer, self.topics.models)
@@ -354,6 +376,10 @@ class TrainerService:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self.trial_running:  # no round during a trial; the prompt pool and reward events go on
+                self._poll_kafka(0)
+                self.canary.step(int(self.config.poll_interval_s * 1000))
+                continue
             if self._consumer is not None:
                 self._poll_kafka(int(self.config.poll_interval_s * 1000))
             else:
@@ -386,9 +412,17 @@ class TrainerService:
             log.info("trainer waiting for %s (%d new ratings applied so far)", what, self.new_ratings)
             self._waiting_logged = what
 
+    @property
+    def trial_running(self) -> bool:
+        """A canary trial runs: no round starts until it is decided."""
+        return self.canary is not None and self.canary.active
+
     def run_round_now(self, reason: str = "asked") -> RoundResult | None:
         """Runs one round now, publishing if the gate passes, then its RoundEvent; returns its result (None
-        if it did not finish: nothing to run, postponed, abandoned or failed)."""
+        if it did not finish: nothing to run, postponed, abandoned or failed, or a canary trial runs)."""
+        if self.trial_running:
+            log.info("no round: the canary trial of %s runs", self.canary.trial.canary_version)
+            return None
         record = self._new_record()
         if record is None:
             return None
@@ -525,7 +559,8 @@ class TrainerService:
             )
 
     def _publish(self, record: RoundRecord, result: RoundResult, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Registry first (atomic), then the ModelEvent that makes serving swap, then retention."""
+        """Registry first (atomic), then the ModelEvent that makes serving swap (or, with a canary share,
+        LATEST unmoved and the trial's start), then retention."""
         self._check_still_serving(record.start_version)
         # From here the round finishes even if asked to stop: the publish is one atomic step.
         manifest = publish_policy(
@@ -533,11 +568,14 @@ class TrainerService:
             reward_version=record.reward_version, reference_version=record.reference_version,
             extra={"kl_coef_next": self.kl_ctl.value, "round": record.name,
                    "ratings_applied": record.ratings_applied},
+            set_latest=self.canary is None,
         )  # fmt: skip
         record.published_version = self.last_published = manifest.version
         metrics.ROUNDS.labels("published").inc()
         metrics.PUBLISHED_VERSION.set(version_number(manifest.version))
-        if self.publisher is not None:
+        if self.canary is not None:
+            self.canary.start(record.start_version, canary_event(manifest, result, self.canary.share))
+        elif self.publisher is not None:
             self.publisher.model_event(policy_event(manifest, result))
         self.versions_published += 1
         if self.config.keep_versions:
