@@ -10,6 +10,10 @@ Order for a passed round (promises 4 and 5 in docs/design.md): 1. the registry v
 LATEST moves); 2. its ModelEvent, acks=all and retried; 3. the RoundEvent. A RoundEvent that cannot be
 published is logged and counted and the loop goes on: it is the record that progress views and reports read,
 not a step that serving waits for.
+
+With a canary share (docs/design.md, canary trials) a passed candidate goes to the registry without moving
+LATEST and is announced by a CANARY ModelEvent; the trial's end is a CanaryDecision on `rlhf.canary`, then a
+PROMOTED (LATEST moved to the canary) or ROLLED_BACK (LATEST stays on stable) ModelEvent.
 """
 
 import logging
@@ -20,7 +24,8 @@ from kafka import KafkaProducer
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_online import contract
-from rlhf_online.contract import POLICY, RoundFigure
+from rlhf_online.canary.decision import PROMOTE, Decision
+from rlhf_online.contract import CANARY_SHARE, POLICY, RoundFigure
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Manifest, Registry
 from rlhf_online.topics import Topics
@@ -63,8 +68,10 @@ def publish_policy(
     reward_version: str | None,
     reference_version: str,
     extra: dict | None = None,
+    set_latest: bool = True,
 ) -> Manifest:
-    """Publishes a candidate that passed the gate as the next policy version (atomic, checksummed).
+    """Publishes a candidate that passed the gate as the next policy version (atomic, checksummed); with
+    `set_latest` False (a canary) LATEST stays where it is.
 
     Raises:
         ValueError: the candidate did not pass the gate (nothing is written).
@@ -84,6 +91,7 @@ def publish_policy(
             "gate": {"reason": result.decision.reason, **result.decision.figures()},
             **(extra or {}),
         },
+        set_latest=set_latest,
     )
 
 
@@ -96,6 +104,32 @@ def policy_event(manifest: Manifest, result: RoundResult) -> events_pb2.ModelEve
         parent_version=manifest.parent_version,
         metrics=result.metrics(),
     )
+
+
+def canary_event(manifest: Manifest, result: RoundResult, share: float) -> events_pb2.ModelEvent:
+    """The CANARY ModelEvent that starts a trial of a published version beside its parent (stable)."""
+    return contract.model_event(
+        POLICY,
+        events_pb2.CANARY,
+        manifest.version,
+        parent_version=manifest.parent_version,
+        metrics={**result.metrics(), CANARY_SHARE: share},
+    )
+
+
+def canary_decision(decision: Decision, share: float) -> events_pb2.CanaryDecision:
+    """The CanaryDecision record of a trial's Decision (rlhf_online.canary.decision)."""
+    f = decision.figures
+    outcome = events_pb2.CANARY_PROMOTED if decision.outcome == PROMOTE else events_pb2.CANARY_ROLLED_BACK
+    return events_pb2.CanaryDecision(
+        stable_version=decision.stable_version, canary_version=decision.canary_version, outcome=outcome,
+        code=decision.code, reason=decision.reason, canary_ratings=f.canary_ratings, canary_ups=f.canary_ups,
+        stable_ratings=f.stable_ratings, stable_ups=f.stable_ups, canary_rate=f.canary_rate,
+        stable_rate=f.stable_rate, difference=f.difference, lower=f.lower, upper=f.upper,
+        p_value_margin=f.p_value_margin, p_value_equal=f.p_value_equal, alpha=decision.config.alpha,
+        margin=decision.config.margin, started_ms=decision.started_ms, timestamp_ms=decision.decided_ms,
+        canary_share=share,
+    )  # fmt: skip
 
 
 def round_event(
@@ -149,6 +183,21 @@ class Publisher:
                 if attempt < attempts:
                     time.sleep(min(2.0 * attempt, 10.0))
         log.error("gave up publishing ModelEvent %s; it is LATEST in the registry", event.version)
+        return False
+
+    def canary_decision(self, event: events_pb2.CanaryDecision, attempts: int = 5) -> bool:
+        """Publishes a CanaryDecision, retrying; False when it gave up (logged; the decision is carried out
+        all the same: it is the record for views and reports, serving follows the ModelEvent)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._send(self.topics.canary, contract.canary_decision_key(), event)
+                return True
+            except Exception as e:  # KafkaError, or a timeout of the future: retry
+                log.warning("publishing the CanaryDecision of %s failed (attempt %d/%d): %s",
+                            event.canary_version, attempt, attempts, e)  # fmt: skip
+                if attempt < attempts:
+                    time.sleep(min(2.0 * attempt, 10.0))
+        log.error("gave up publishing the CanaryDecision of %s", event.canary_version)
         return False
 
     def round_event(self, event: events_pb2.RoundEvent) -> bool:
