@@ -77,6 +77,12 @@ def choose_tokens(
     return tokens
 
 
+def pad_id(tokenizer) -> int:
+    """The id to pad with: the pad token, else eos (a GGUF import has no pad token), else 0. Padding is
+    masked out, so any id serves; it only has to exist."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
 class IncrementalDecoder:
     """Turns a growing list of token ids into text pieces, holding back text that is not complete yet.
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from rlhf_online.engine.sampling import pad_id
 from rlhf_online.trainer.ppo import entropy_from_logits, logprobs_from_logits
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,7 @@ def encode_prompts(
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     rows = [row or [start] for row in rows]  # an empty prompt still needs one token to condition on
     width = max(len(r) for r in rows)
-    # Left padding is masked out, so any id serves; a tokenizer without a pad token (a GGUF import) uses eos.
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    pad = pad_id(tokenizer)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -109,13 +109,13 @@ def sample_responses(
             top_k=0,
             top_p=1.0,
             max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad_id(tokenizer),
             eos_token_id=tokenizer.eos_token_id,
         )  # (B, P + T)
     lm.train(was_training)
     response_ids = out[:, query_ids.shape[1] :]  # (B, T)
     response_mask = response_mask_from_ids(response_ids, tokenizer.eos_token_id)  # (B, T)
-    response_ids = torch.where(response_mask > 0, response_ids, tokenizer.pad_token_id)
+    response_ids = torch.where(response_mask > 0, response_ids, pad_id(tokenizer))
     attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)  # (B, P + T)
     position_ids = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)  # (B, P + T)
     responses = [
@@ -149,7 +149,7 @@ def sample_rollouts(
         )
         for start in range(0, len(prompts), batch_size)
     ]
-    return concat_rollouts(chunks, pad_token_id=tokenizer.pad_token_id)
+    return concat_rollouts(chunks, pad_token_id=pad_id(tokenizer))
 
 
 def concat_rollouts(chunks: list[Rollouts], pad_token_id: int) -> Rollouts:
