@@ -49,6 +49,7 @@ class ModelFollower:
         self._start_offsets: dict[TopicPartition, int] = {}
         self._apply_lock = threading.Lock()
         self._target: str | None = None  # the version last handed to the engine
+        self.bad_records = 0  # records that are not a ModelEvent of a known kind, skipped
 
     def mark_start(self, timeout_s: float = 10.0) -> None:
         """Remembers where the topic ends now. Call it before reading LATEST, so no later event is missed."""
@@ -100,7 +101,7 @@ class ModelFollower:
         if not 0.0 < share < 1.0 or event.version == self._target:
             metrics.SWAP_FAILURES.inc()
             log.error(
-                "refusing canary %s: its %s is %s (wanted in (0, 1)) or it is the stable version %s",
+                "refusing canary %.64s: its %s is %s (wanted in (0, 1)) or it is the stable version %s",
                 event.version, CANARY_SHARE, share, self._target,
             )  # fmt: skip
             return False
@@ -118,7 +119,7 @@ class ModelFollower:
             return self.load_model(self.registry.verify(POLICY, version))
         except (RegistryError, OSError, ValueError) as e:
             metrics.SWAP_FAILURES.inc()
-            log.error("refusing policy %s: %s; still serving %s", version, e, self._target)
+            log.error("refusing policy %.64s: %.300s; still serving %s", version, e, self._target)
             return None
 
     def _run(self) -> None:
@@ -133,13 +134,26 @@ class ModelFollower:
                 for record in records:
                     self._handle(record.value)
 
-    def _handle(self, value: bytes) -> None:
+    def _handle(self, value: bytes | None) -> None:
+        """Applies one record; one that is not a ModelEvent of a known kind (a tombstone, garbage, another
+        topic's message) is skipped and counted."""
         try:
             event = events_pb2.ModelEvent.FromString(value)
-        except Exception as e:  # a garbled record must not stop the follower
-            log.error("skipping an unreadable record on %s: %s", self.topic, e)
+        except Exception as e:  # DecodeError, or TypeError for a value None
+            self._skip(f"not a ModelEvent: {e}")
             return
-        self.apply(event)
+        if event.kind not in (events_pb2.POLICY, events_pb2.REWARD):
+            self._skip(f"a ModelEvent of unknown kind {event.kind}")
+            return
+        try:
+            self.apply(event)
+        except Exception:  # a bug must not stop the follower: this replica would never swap again
+            metrics.SWAP_FAILURES.inc()
+            log.exception("applying policy %.64s failed; still serving %s", event.version, self._target)
+
+    def _skip(self, problem: str) -> None:
+        self.bad_records += 1
+        log.error("skipping a record on %s: %s", self.topic, problem)
 
     def _partitions(self, timeout_s: float) -> list[TopicPartition]:
         return wait_for_partitions(self._consumer, self.topic, timeout_s=timeout_s, stop=self._stop)
