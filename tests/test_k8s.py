@@ -39,7 +39,11 @@ SERVICES = {  # component label -> (subcommand, config dataclass)
     "reward": ("serve-reward", "rlhf_online.reward.config:RewardConfig"),
     "trainer": ("serve-trainer", "rlhf_online.trainer.config:TrainerConfig"),
 }
-SECRET_SETTINGS = {"RLHF_SIGNING_KEY", "RLHF_ADMIN_TOKEN"}  # must come from a Secret, never a literal
+# What inference takes from the Secret: the signing keys (one, or several while rotating) and the admin token.
+SECRET_SETTINGS = {"RLHF_SIGNING_KEYS", "RLHF_ADMIN_TOKEN"}
+NEVER_LITERAL = SECRET_SETTINGS | {"RLHF_SIGNING_KEY"}  # secrets: never in a ConfigMap or a literal value
+TLS_FILES = ("RLHF_TLS_CERT_FILE", "RLHF_TLS_KEY_FILE", "RLHF_TLS_CLIENT_CA_FILE")
+PROBE_SCRIPT = K8S / "components" / "tls" / "grpc_health_probe.py"
 
 
 # ---- building ----------------------------------------------------------------------------------------------
@@ -291,7 +295,7 @@ def test_secrets_come_from_the_secret(objects):
     }
     assert set(from_secret) == SECRET_SETTINGS
     for deployment in deployments(objects).values():
-        literal = set(container_env(main_container(deployment), objects)) & SECRET_SETTINGS - set(from_secret)
+        literal = set(container_env(main_container(deployment), objects)) & NEVER_LITERAL - set(from_secret)
         assert not literal, f"{literal} must come from the Secret, not a ConfigMap"
     docs = (ROOT / "docs" / "kubernetes.md").read_text()
     for ref in from_secret.values():
@@ -304,18 +308,60 @@ def test_secrets_come_from_the_secret(objects):
 
 
 def test_ports_and_grpc_probes(objects):
+    """Probes call grpc.health.v1.Health on the gRPC port: the kubelet's own gRPC probe in plaintext, the TLS
+    probe script (an exec probe, under the name of the pod's Service) when the port speaks TLS."""
     for component, deployment in deployments(objects).items():
         container = main_container(deployment)
         env = container_env(container, objects)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"grpc": int(env["RLHF_GRPC_PORT"]), "metrics": int(env["RLHF_METRICS_PORT"])}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == ports["grpc"], f"{component} {probe}"
+            if "RLHF_TLS_CERT_FILE" in env:
+                python, script, server_name, ca_file = container[probe]["exec"]["command"]
+                assert (python, Path(script).name) == ("python", PROBE_SCRIPT.name), f"{component} {probe}"
+                assert server_name == f"rlhf-{component}" and ca_file in mounted_secret_files(deployment)
+            else:
+                assert container[probe]["grpc"]["port"] == ports["grpc"], f"{component} {probe}"
     pods = [d["spec"]["template"]["metadata"]["labels"] for d in of_kind(objects, "Deployment")]
     for service in of_kind(objects, "Service"):
         matching = [labels for labels in pods if selects(service["spec"]["selector"], labels)]
         assert len(matching) == 1, f"Service {service['metadata']['name']} must select exactly one Deployment"
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= {"grpc", "metrics"}
+
+
+def mounted_secret_files(deployment: dict[str, Any]) -> dict[str, str]:
+    """Path in the main container -> Secret name, for every file of a mounted TLS Secret."""
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    files = {}
+    for mount in main_container(deployment).get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if secret is not None:  # a kubernetes.io/tls Secret holds tls.crt and tls.key (cert-manager: ca.crt)
+            for key in ("tls.crt", "tls.key", "ca.crt"):
+                files[f"{mount['mountPath']}/{key}"] = secret["secretName"]
+    return files
+
+
+def test_tls_settings_name_files_of_a_mounted_secret(objects):
+    for component, deployment in deployments(objects).items():
+        env = container_env(main_container(deployment), objects)
+        tls = {k: env[k] for k in TLS_FILES if env.get(k)}
+        assert not tls or {"RLHF_TLS_CERT_FILE", "RLHF_TLS_KEY_FILE"} <= set(tls), f"{component}: {tls}"
+        files = mounted_secret_files(deployment)
+        for setting, path in tls.items():
+            assert path in files, f"{component}: {setting}={path} is not a file of a mounted Secret"
+
+
+def test_the_tls_overlay_turns_tls_on_everywhere(build):
+    for deployment in deployments(build("prod-tls")).values():
+        env = container_env(main_container(deployment), build("prod-tls"))
+        assert env["RLHF_TLS_CERT_FILE"] and env["RLHF_TLS_KEY_FILE"]
+    assert (
+        "create secret generic rlhf-online-tls --type=kubernetes.io/tls"
+        in (ROOT / "docs" / "kubernetes.md").read_text()
+    )
+    for overlay in ("dev", "prod"):  # plaintext inside the cluster unless an overlay asks for TLS
+        for deployment in deployments(build(overlay)).values():
+            assert not set(TLS_FILES) & set(container_env(main_container(deployment), build(overlay)))
 
 
 def test_dev_writes_the_base_model_it_points_at(build):

@@ -6,6 +6,9 @@ peer here is on loopback.
 
 import datetime
 import ipaddress
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +38,8 @@ from rlhf_online.tls import (
 from rlhf_online.trainer.config import TrainerConfig
 from rlhf_online.trainer.service import create_service as create_trainer
 from tests.test_inference_server import ask, config_for
+
+K8S_PROBE = Path(__file__).resolve().parent.parent / "k8s" / "components" / "tls" / "grpc_health_probe.py"
 
 # ---- certificates ------------------------------------------------------------------------------------------
 
@@ -200,6 +205,36 @@ def test_the_trainer_refuses_to_start_with_bad_tls_settings_before_touching_the_
     with pytest.raises(TlsConfigError, match="tls_cert_file is not set"):
         create_trainer(config).start()
     assert not registry.exists() or not any(registry.iterdir())
+
+
+def run_k8s_probe(port: int, ca: Pem, pod: Pem, *, mutual: bool) -> subprocess.CompletedProcess:
+    """The exec probe of k8s/components/tls, as the kubelet runs it in a pod whose certificate is `pod`."""
+    env = {
+        **os.environ, "RLHF_GRPC_PORT": str(port), "RLHF_TLS_CERT_FILE": str(pod.cert),
+        "RLHF_TLS_KEY_FILE": str(pod.key), "RLHF_TLS_CLIENT_CA_FILE": str(ca.cert) if mutual else "",
+    }  # fmt: skip
+    command = [sys.executable, str(K8S_PROBE), "localhost", str(ca.cert)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_the_kubernetes_tls_probe_passes_only_while_serving(pki, mutual):
+    server = HealthServer(
+        0, host="127.0.0.1", credentials=server_credentials(tls_settings(pki, mutual=mutual))
+    )
+    # Under mutual TLS the probe presents the pod's certificate: here the client one (a pod's has both).
+    pod = pki.client if mutual else pki.server
+    try:
+        server.set_serving(True)
+        done = run_k8s_probe(server.port, pki.ca, pod, mutual=mutual)
+        assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
+        server.set_serving(False)
+        done = run_k8s_probe(server.port, pki.ca, pod, mutual=mutual)
+        assert done.returncode == 1 and "NOT_SERVING" in done.stdout, done.stderr
+    finally:
+        server.stop(grace_s=0.5)
+    done = run_k8s_probe(server.port, pki.ca, pod, mutual=mutual)  # nothing listens: fails, with a reason
+    assert done.returncode == 1 and "UNAVAILABLE" in done.stderr
 
 
 class RecordingHealth(health_pb2_grpc.HealthServicer):
