@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_online.engine.batch import DecodeBatch, concatenate, decode_step, prefill, select
 from rlhf_online.engine.chat_format import render_prompt
-from rlhf_online.engine.sampling import IncrementalDecoder, choose_tokens
+from rlhf_online.engine.sampling import IncrementalDecoder, check_fits, choose_tokens, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class PolicyEngine:
                 f"max_batch_tokens ({self.max_batch_tokens}) is below the context of {self.context_length} "
                 f"tokens, so a long request could never start; set it to at least {self.context_length}"
             )
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_id(tokenizer)
         self._model, self._version = self._prepare(model), version
         self._canary: _Canary | None = None
         self._cond = threading.Condition()
@@ -414,13 +414,7 @@ class PolicyEngine:
             EngineStopped: the engine is stopping.
             ValueError: empty prompt, or prompt plus max_new_tokens longer than the context.
         """
-        if not prompt_ids:
-            raise ValueError("prompt_ids is empty; encode at least one token (see encode_chat)")
-        if len(prompt_ids) + params.max_new_tokens > self.context_length:
-            raise ValueError(
-                f"{len(prompt_ids)} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the "
-                f"context of {self.context_length} tokens; shorten the prompt or lower max_new_tokens"
-            )
+        check_fits(prompt_ids, params.max_new_tokens, self.context_length)
         stream = GenerationStream(len(prompt_ids))
         request = _Request(list(prompt_ids), params, stream, route_key)
         with self._cond:
@@ -682,13 +676,6 @@ def _turn_end_ids(tokenizer) -> set[int]:
     after = text.split("\x00", 1)[-1]
     specials = getattr(tokenizer, "added_tokens_decoder", {})
     return {i for i, t in specials.items() if t.special and t.content and after.startswith(t.content)}
-
-
-def _pad_id(tokenizer) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
 
 
 def _context_length(model, tokenizer) -> int:

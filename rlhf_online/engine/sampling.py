@@ -77,6 +77,21 @@ def choose_tokens(
     return tokens
 
 
+def check_fits(prompt_ids: list[int], max_new_tokens: int, context_length: int) -> None:
+    """Refuses a request the model cannot hold (every engine checks the same way).
+
+    Raises:
+        ValueError: an empty prompt, or prompt plus max_new_tokens longer than the context.
+    """
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty; encode at least one token (see encode_chat)")
+    if len(prompt_ids) + max_new_tokens > context_length:
+        raise ValueError(
+            f"{len(prompt_ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
+            f"context of {context_length} tokens; shorten the prompt or lower max_new_tokens"
+        )
+
+
 def pad_id(tokenizer) -> int:
     """The id to pad with: the pad token, else eos (a GGUF import has no pad token), else 0. Padding is
     masked out, so any id serves; it only has to exist."""

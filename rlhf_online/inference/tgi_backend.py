@@ -38,6 +38,7 @@ from rlhf_online.engine.engine import (
     SamplingParams,
     TextDelta,
 )
+from rlhf_online.engine.sampling import check_fits
 from rlhf_online.inference.tgi_http import encode_prompt, prompt_text
 
 log = logging.getLogger(__name__)
@@ -147,13 +148,7 @@ class TgiBackend:
             EngineStopped: the backend is stopping.
             ValueError: empty prompt, or prompt plus max_new_tokens longer than the context.
         """
-        if not prompt_ids:
-            raise ValueError("prompt_ids is empty; encode at least one token (see encode_chat)")
-        if len(prompt_ids) + params.max_new_tokens > self.context_length:
-            raise ValueError(
-                f"{len(prompt_ids)} prompt tokens + max_new_tokens {params.max_new_tokens} exceed the "
-                f"context of {self.context_length} tokens; shorten the prompt or lower max_new_tokens"
-            )
+        check_fits(prompt_ids, params.max_new_tokens, self.context_length)
         if self._stopping:
             raise EngineStopped("the TGI backend is stopping; retry on another replica")
         if self.in_flight >= self.max_in_flight:
