@@ -1,5 +1,6 @@
 """The closed loop end to end: broker, inference, reward and trainer as child processes, simulated users
-rating with the built-in `lowercase` judge, the report at the end (the demo's orchestration, smaller).
+rating with the suite's `contains` judge (answers with a "?" in them: a preference the demo's defaults were
+not tuned on; they were tuned on `lowercase`), the report at the end (the demo's orchestration, smaller).
 
 Phases: users first get BASELINE_ANSWERS answers of the base model (the trainer starts after them), then the
 loop learns for DURATION_S, then the trainer stops and users get FINAL_ANSWERS answers of the version serving
@@ -11,12 +12,13 @@ What it asserts:
    topic holds no duplicate event_id at all;
 3. the report was written with every plot, and its verdict says the loop learned.
 
-Sizes: the base model gets about 30% thumbs up (the judge's ~25% plus 5% rater noise) and a lowercase-only
-answer 95%. Measured on the shared 2-core machine with these phases (420 s of learning, 9.1 min in all): base
-31.6% of 187 ratings; 65% by the 4th version (about 2 minutes of learning), over 80% from the 7th on; the last
-version 83.3% of 150 ratings. So 300 s of learning is enough (the default demo, 360 s: 31.2% -> 74.8%). With
-150 ratings on each side the standard error of the difference is about 0.05: a true rise of 0.40 (learning
-half as fast) falls below the 0.25 margin with a chance under 0.2%, the measured 0.52 under 1e-7.
+Sizes: 31.7% of the base model's answers contain a "?" (sim/preferences.py), so with 5% rater noise it gets
+about 33% thumbs up, and an answer with one 95%. Measured with the demo's phases on the shared 2-core machine
+under heavy load (benchmarks/learning_suite.py, 360 s of learning): base 25.3% of 221 ratings, the last
+version 89.1% of 138 ratings after 11 rounds (10 published); the version after 3 published rounds already beat
+the base by 15 points. With 150 ratings on each side the standard error of the difference is about 0.05:
+a true rise of 0.40 (learning at two thirds of that pace) falls below the 0.25 margin with a chance under
+0.2%.
 """
 
 import asyncio
@@ -49,6 +51,7 @@ def test_closed_loop_learns_and_keeps_every_acknowledged_rating(
         model_dir=str(tiny_model_dir),
         kafka_bootstrap=kafka_bootstrap,
         topic_prefix=topics.prefix,
+        judge="contains",
         seed=0,
         concurrency=8,
         users=100,

@@ -32,13 +32,18 @@ CHAT_SERVICE = "rlhf.v1.ChatService"
 DEMO_FLAGS: dict[str, dict[str, str]] = {"inference": {"--replica-id": "demo-0"}, "reward": {}, "trainer": {}}
 
 # With the tiny model (the default), the reward model is sized so that the loop learns within a few minutes
-# on two CPU cores: the tiny model's embeddings, final norm and head, no transformer block (a bag-of-tokens
-# scorer, which learns the demo's character-class preference from a few hundred ratings where all 4 blocks
-# need over a thousand); it reads the answer only (the last 40 tokens: 32 of answer, the end of the chat
-# template) and takes 4 steps per 32 ratings. A real model directory keeps the reward service's defaults.
+# on two CPU cores: the tiny model's embeddings, final norm and head, no transformer block (a character
+# class is learnt from a few hundred ratings where all 4 blocks need over a thousand), pooled as
+# "response_features" (mean, max, first and last token, length), so it sees how an answer starts and ends
+# and what it lacks, not only its shares: on the preference suite's base answers (benchmarks/reward_suite.py,
+# 800 ratings) held-out AUC rose from 0.49-0.75 to 0.96-1.00 on presence, absence, start, end and the
+# combined judge, 0.49 -> 0.74 on length, 0.95 -> 0.89 on the lowercase share. It reads the answer only (the
+# last 40 tokens: 32 of answer, the end of the chat template) and takes 4 steps per 32 ratings. A real
+# model directory keeps the reward service's defaults.
 TINY_MODEL_FLAGS: dict[str, dict[str, str]] = {
     "reward": {
         "--backbone-layers": "0",
+        "--pooling": "response_features",
         "--max-length": "40",
         "--trainable-layers": "-1",
         "--learning-rate": "1e-3",
