@@ -9,6 +9,7 @@ formatted home and stops it at the end.
 """
 
 import contextlib
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -26,8 +27,10 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_TEST_HOME = REPO / ".rlhf" / "kafka-test"
-KAFKA_TEST_PORT = 19192
-KAFKA_TEST_CONTROLLER_PORT = 19193
+# RLHF_TEST_KAFKA_PORT moves the test broker (and its controller, the port above it), so a second checkout can
+# run its suite beside this one.
+KAFKA_TEST_PORT = int(os.environ.get("RLHF_TEST_KAFKA_PORT", "19192"))
+KAFKA_TEST_CONTROLLER_PORT = KAFKA_TEST_PORT + 1
 
 
 @pytest.fixture(scope="session")
