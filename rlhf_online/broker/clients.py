@@ -18,6 +18,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
+from kafka.producer.transaction_manager import TransactionState
 
 from rlhf_online.topics import Topics
 
@@ -64,7 +65,31 @@ def make_producer(bootstrap: str, *, client_id: str, **overrides) -> KafkaProduc
     `wait_for_broker` first where the broker may still be starting.
     """
     config = {**PRODUCER_DEFAULTS, **overrides}
-    return KafkaProducer(bootstrap_servers=_servers(bootstrap), client_id=client_id, **config)
+    producer = KafkaProducer(bootstrap_servers=_servers(bootstrap), client_id=client_id, **config)
+    _recover_producer_id_after_reset(producer)
+    return producer
+
+
+def _recover_producer_id_after_reset(producer: KafkaProducer) -> None:
+    """Works around a kafka-python 3.0.12 bug that the fault matrix found (tests/faults/README.md).
+
+    When a batch that was already sent expires (the broker away longer than `delivery_timeout_ms`), the
+    idempotent producer drops its producer id (`reset_producer_id`) but stays READY, so it never asks for a
+    new one: every later send waits forever, and SubmitFeedback answers UNAVAILABLE until the process
+    restarts. As the Java client does (KAFKA-7737), the reset goes back to UNINITIALIZED, from where the
+    sender asks the broker for a new producer id before it sends again.
+    """
+    manager = producer._transaction_manager
+    if manager is None or manager.is_transactional():
+        return
+    reset = manager.reset_producer_id
+
+    def reset_and_reinitialize() -> None:
+        with manager._lock:
+            reset()
+            manager._current_state = TransactionState.UNINITIALIZED  # kafka-python refuses this transition
+
+    manager.reset_producer_id = reset_and_reinitialize
 
 
 def make_consumer(bootstrap: str, *, group_id: str | None, client_id: str, **overrides) -> KafkaConsumer:

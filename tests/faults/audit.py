@@ -9,6 +9,7 @@ Definitions (tests/faults/README.md):
   id applied twice by the reward model.
 """
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -39,7 +40,8 @@ class Figures:
         lines = [
             f"[faults] {self.scenario}",
             f"  requests {chats.total() + ratings.total()}: chats {chats.total()} ({chats['OK']} OK), "
-            f"rating attempts {ratings.total()} ({ratings['OK']} OK) for {len(self.ledger.ratings)} ratings",
+            f"rating attempts {ratings.total()} ({ratings['OK']} OK) for {len(self.ledger.ratings)} ratings "
+            f"({self.ledger.unrated} answers unrated)",
             f"  errors by status: chats {_errors(chats)}, ratings {_errors(ratings)}",
             f"  audited {self.audited}, missing {len(self.missing)}, duplicated {len(self.duplicated)}",
             *(f"  {name}: {value}" for name, value in self.extra.items()),
@@ -51,6 +53,20 @@ class Figures:
     def check(self) -> None:
         assert not self.missing, f"{self.scenario}: missing {self.missing[:5]}"
         assert not self.duplicated, f"{self.scenario}: duplicated {self.duplicated[:5]}"
+
+
+class Timeline:
+    """When each step of a scenario happened, in seconds since it began (for the figures)."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.marks: list[tuple[str, float]] = []
+
+    def mark(self, what: str) -> None:
+        self.marks.append((what, time.monotonic() - self.start))
+
+    def __str__(self) -> str:
+        return ", ".join(f"{what} {at:.1f}s" for what, at in self.marks)
 
 
 def _errors(codes: Counter) -> dict[str, int]:

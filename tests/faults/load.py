@@ -3,10 +3,10 @@ ledger of everything the services told them.
 
 Each client chats, then rates the answer at once (the worst case for the interaction-before-rating order),
 on the replica `rate_on` picks; a rating that gets UNAVAILABLE or DEADLINE_EXCEEDED is retried, as a client
-app would, for up to `retry_for_s`. Counts are bounded (`max_chats` answers; a failed chat is paced), and
-every RPC has a deadline.
+app would, for up to `retry_for_s`. Counts are bounded (`max_chats` answers, `max_ratings` ratings; a failed
+chat is paced), and every RPC has a deadline.
 
-    driver = LoadDriver({"a": proc}, clients=4, max_chats=200)
+    driver = LoadDriver({"a": proc}, clients=4, max_ratings=200)
     task = asyncio.create_task(driver.run())
     await driver.ledger.wait_for(lambda seen: seen.oks("rating") >= 20, 60, "20 acknowledged ratings")
     driver.stop()
@@ -38,6 +38,7 @@ PROMPTS = (
     "Why is the sky blue?",
 )
 RETRIED = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+MAX_PENDING = 4  # ratings one client has under way at most
 CHANNEL_OPTIONS = (  # reconnect quickly to a restarted process (gRPC's default backoff grows to 120 s)
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
@@ -67,7 +68,10 @@ class Rating:
     second_vote: bool = False  # the same user's vote again, on another replica
     codes: list[str] = field(default_factory=list)  # status of each attempt, in order
     tried_on: list[str] = field(default_factory=list)  # the process asked at each attempt
+    sent_s: list[float] = field(default_factory=list)  # time.monotonic() at each attempt
+    took_s: list[float] = field(default_factory=list)  # how long each attempt took
     accepted_by: str = ""  # the process that answered OK
+    last_error: str = ""  # the status details of the last failed attempt
 
     @property
     def ok(self) -> bool:
@@ -85,6 +89,7 @@ class Ledger:
     chats: list[ChatCall] = field(default_factory=list)
     ratings: list[Rating] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    unrated: int = 0  # answers not rated: their client had MAX_PENDING ratings under way
     _in_flight: Counter = field(default_factory=Counter)
 
     def oks(self, what: str) -> int:
@@ -137,7 +142,8 @@ class LoadDriver:
         procs: Mapping[str, Proc],
         *,
         clients: int = 4,
-        max_chats: int = 400,
+        max_chats: int = 1000,
+        max_ratings: int = 300,
         seed: int = 0,
         chat_on: Callable[[int, int], str] | None = None,
         rate_on: Callable[[str], str] | None = None,
@@ -146,7 +152,8 @@ class LoadDriver:
         rating_timeout_s: float = 5.0,
         retry_for_s: float = 60.0,
     ) -> None:
-        self.procs, self.clients, self.max_chats, self.seed = dict(procs), clients, max_chats, seed
+        self.procs, self.clients, self.seed = dict(procs), clients, seed
+        self.max_chats, self.max_ratings = max_chats, max_ratings
         names = sorted(self.procs)
         self.chat_on = chat_on or (lambda i, n: names[(i + n) % len(names)])
         self.rate_on = rate_on or (lambda name: name)
@@ -177,7 +184,11 @@ class LoadDriver:
         return self.ledger
 
     async def _client(self, i: int) -> None:
+        """Chats on, rating each answer in a task of its own, so chat load goes on while ratings retry
+        through an outage; beyond `MAX_PENDING` ratings under way (or `max_ratings` in all), an answer goes
+        unrated."""
         rng = random.Random(self.seed * 1000 + i)
+        pending: set[asyncio.Task] = set()
         n = 0
         while not self._stop.is_set() and self.ledger.oks("chat") < self.max_chats:
             replica = self.chat_on(i, n)
@@ -186,16 +197,26 @@ class LoadDriver:
             if chat.code != "OK":
                 await asyncio.sleep(0.5)  # the replica is down or busy: pace the next try
                 continue
+            if len(pending) >= MAX_PENDING or len(self.ledger.ratings) >= self.max_ratings:
+                self.ledger.unrated += 1
+                if pending:  # a user who cannot rate yet reads a while before asking again
+                    await asyncio.wait(pending, timeout=0.5)
+                continue
             rating = Rating(chat.response_id, f"user-{i}-{n}", chat.replica)
-            rated_on = self.rate_on(replica)
-            await self._rate(rating, rated_on, rng.choice((chat_pb2.THUMBS_UP, chat_pb2.THUMBS_DOWN)))
-            if (
-                rating.ok
-                and self.second_vote_every
-                and len(self.ledger.ratings) % self.second_vote_every == 0
-            ):
-                again = Rating(rating.response_id, rating.user_id, chat.replica, second_vote=True)
-                await self._rate(again, self._next_replica(rated_on), chat_pb2.THUMBS_UP)
+            again = bool(self.second_vote_every) and n % self.second_vote_every == 0
+            value = rng.choice((chat_pb2.THUMBS_UP, chat_pb2.THUMBS_DOWN))
+            task = asyncio.create_task(self._vote(rating, replica, value, again))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.gather(*pending)
+
+    async def _vote(self, rating: Rating, replica: str, value: int, again: bool) -> None:
+        """Rates an answer; if `again` and it got OK, the same user votes once more on the next replica."""
+        rated_on = self.rate_on(replica)
+        await self._rate(rating, rated_on, value)
+        if again and rating.ok:
+            second = Rating(rating.response_id, rating.user_id, rating.served_by, second_vote=True)
+            await self._rate(second, self._next_replica(rated_on), value)
 
     def _next_replica(self, name: str) -> str:
         names = sorted(self.procs)
@@ -240,6 +261,7 @@ class LoadDriver:
         give_up = time.monotonic() + self.retry_for_s
         while True:
             rating.tried_on.append(self.procs[replica].tag)
+            rating.sent_s.append(time.monotonic())
             try:
                 async with self._calling("rating"):
                     await self._stubs[replica].SubmitFeedback(request, timeout=self.rating_timeout_s)
@@ -247,6 +269,8 @@ class LoadDriver:
                 rating.accepted_by = self.procs[replica].tag
             except grpc.aio.AioRpcError as e:
                 rating.codes.append(e.code().name)
+                rating.last_error = e.details() or ""
+            rating.took_s.append(time.monotonic() - rating.sent_s[-1])
             await self.ledger.note()
             if rating.codes[-1] not in RETRIED or time.monotonic() > give_up:
                 return

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.kafka]
 async def test_inference_sigkill_loses_no_interaction_of_an_acknowledged_rating(cluster):
     a = cluster.inference("a")
     await cluster.start(a)
-    driver = LoadDriver({"a": a}, clients=4, max_chats=150)
+    driver = LoadDriver({"a": a}, clients=4, max_ratings=150)
     load = asyncio.create_task(driver.run())
     try:
         await driver.ledger.wait_for(lambda seen: seen.oks("rating") >= 25, 120, "25 acknowledged ratings")
