@@ -115,6 +115,11 @@ class Ledger:
         async with self.changed:
             self.changed.notify_all()
 
+    async def more_oks(self, n: int, timeout_s: float) -> None:
+        """Until `n` more ratings got OK than have now."""
+        target = self.oks("rating") + n
+        await self.wait_for(lambda seen: seen.oks("rating") >= target, timeout_s, f"{n} more OK ratings")
+
     async def wait_for(self, predicate: Callable[["Ledger"], bool], timeout_s: float, what: str) -> None:
         """Until `predicate(ledger)` holds; TimeoutError naming `what` and the figures so far."""
         try:
@@ -135,6 +140,7 @@ class LoadDriver:
         chat_on: (client, n) -> the replica that answers a client's n-th chat; default round robin.
         rate_on: the answering replica -> the replica the rating goes to; default the same.
         second_vote_every: every k-th rating is voted again by the same user on the next replica (0: never).
+        think_s: a client's pause after each rated answer (0: the next chat at once).
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class LoadDriver:
         chat_on: Callable[[int, int], str] | None = None,
         rate_on: Callable[[str], str] | None = None,
         second_vote_every: int = 0,
+        think_s: float = 0.0,
         chat_timeout_s: float = 30.0,
         rating_timeout_s: float = 5.0,
         retry_for_s: float = 60.0,
@@ -157,7 +164,7 @@ class LoadDriver:
         names = sorted(self.procs)
         self.chat_on = chat_on or (lambda i, n: names[(i + n) % len(names)])
         self.rate_on = rate_on or (lambda name: name)
-        self.second_vote_every = second_vote_every
+        self.second_vote_every, self.think_s = second_vote_every, think_s
         self.chat_timeout_s, self.rating_timeout_s, self.retry_for_s = (
             chat_timeout_s,
             rating_timeout_s,
@@ -208,6 +215,8 @@ class LoadDriver:
             task = asyncio.create_task(self._vote(rating, replica, value, again))
             pending.add(task)
             task.add_done_callback(pending.discard)
+            if self.think_s:
+                await asyncio.sleep(self.think_s)  # the user reads the answer before the next question
         await asyncio.gather(*pending)
 
     async def _vote(self, rating: Rating, replica: str, value: int, again: bool) -> None:
