@@ -173,19 +173,19 @@ def kill_during_publish(proc: Proc, kind_dir: Path, timeout_s: float) -> str:
     """SIGKILLs `proc` while it is inside a registry publish of `kind_dir`; returns the name of the temp entry
     it was writing (`.tmp-<pid>-...` folder: the version's files; `.tmp-LATEST-...`: moving LATEST).
 
-    Watches for a temp entry the registry makes during a publish; when one appears the process is frozen
-    (SIGSTOP) and, if the entry is still there, killed: so the kill lands inside the publish, not after it.
-    Entries left by an earlier kill are not counted. Blocking: run it in a thread.
+    Watches for a temp entry the registry makes during a publish (named with the writer's pid); when one of
+    `proc`'s appears the process is frozen (SIGSTOP) and, if the entry is still there, killed: so the kill
+    lands inside the publish, not after it. Blocking: run it in a thread.
     """
-    known = set(_temps(kind_dir))
+    known = set(_temps(kind_dir, proc.pid))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not proc.service.running():
             raise RuntimeError(f"{proc.name} exited while waiting for a publish:\n{proc.log_tail()}")
-        if set(_temps(kind_dir)) - known:
+        if set(_temps(kind_dir, proc.pid)) - known:
             os.kill(proc.pid, signal.SIGSTOP)
             _wait_stopped(proc.pid)
-            caught = sorted(set(_temps(kind_dir)) - known)
+            caught = sorted(set(_temps(kind_dir, proc.pid)) - known)
             if caught:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.service.proc.wait(STOP_TIMEOUT_S)
@@ -195,9 +195,11 @@ def kill_during_publish(proc: Proc, kind_dir: Path, timeout_s: float) -> str:
     raise TimeoutError(f"{proc.name} published nothing in {kind_dir} within {timeout_s:.0f}s")
 
 
-def _temps(kind_dir: Path) -> list[str]:
+def _temps(kind_dir: Path, pid: int) -> list[str]:
+    """The registry's temp entries of process `pid`: `.tmp-<pid>-...` (files) and `.tmp-LATEST-<pid>-...`."""
+    mine = (f".tmp-{pid}-", f".tmp-LATEST-{pid}-")
     with contextlib.suppress(FileNotFoundError):
-        return [e.name for e in os.scandir(kind_dir) if e.name.startswith(".tmp-")]
+        return [e.name for e in os.scandir(kind_dir) if e.name.startswith(mine)]
     return []
 
 
