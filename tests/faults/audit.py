@@ -9,6 +9,7 @@ Definitions (tests/faults/README.md):
   id applied twice by the reward model.
 """
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -120,6 +121,16 @@ def applied_events(registry: Registry) -> list[str]:
     """The event ids the latest reward checkpoint says its lineage applied, in order, duplicates kept."""
     latest = registry.latest("reward")
     return [] if latest is None else checkpoint.applied_event_ids(registry.verify("reward", latest))
+
+
+async def wait_applied(registry, event_ids: set[str], timeout_s: float) -> None:
+    """Until the latest reward checkpoint holds every one of `event_ids` (the registry is files: polled)."""
+    deadline = time.monotonic() + timeout_s
+    while not event_ids <= set(await asyncio.to_thread(applied_events, registry)):
+        if time.monotonic() > deadline:
+            missing = event_ids - set(applied_events(registry))
+            raise TimeoutError(f"{len(missing)} acknowledged ratings not applied after {timeout_s:.0f}s")
+        await asyncio.sleep(0.5)
 
 
 def audit_applied(figures: Figures, applied: list[str]) -> None:

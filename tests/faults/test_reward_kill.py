@@ -9,7 +9,6 @@ a missing interaction; every reward version verifies (the killed publishes left 
 """
 
 import asyncio
-import time
 
 import pytest
 
@@ -25,21 +24,12 @@ from tests.faults.audit import (
     feedback_counts,
     interaction_ids,
     verify_all,
+    wait_applied,
 )
 from tests.faults.cluster import kill_during_publish
 from tests.faults.load import LoadDriver
 
 pytestmark = [pytest.mark.faults, pytest.mark.kafka]
-
-
-async def wait_applied(registry, event_ids: set[str], timeout_s: float) -> None:
-    """Until the latest reward checkpoint holds every one of `event_ids` (the registry is files: polled)."""
-    deadline = time.monotonic() + timeout_s
-    while not event_ids <= set(await asyncio.to_thread(applied_events, registry)):
-        if time.monotonic() > deadline:
-            missing = event_ids - set(applied_events(registry))
-            raise TimeoutError(f"{len(missing)} acknowledged ratings not applied after {timeout_s:.0f}s")
-        await asyncio.sleep(0.5)
 
 
 @pytest.mark.timeout(420)
