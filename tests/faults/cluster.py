@@ -246,5 +246,12 @@ class OwnBroker:
                 raise TimeoutError(f"the broker (pid {pid}) survived SIGKILL")
             time.sleep(0.05)
 
+    def pause(self) -> None:
+        """SIGSTOP: the broker keeps its connections and answers nothing (the slowest broker)."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         stop_broker(self.home, timeout_s=10)

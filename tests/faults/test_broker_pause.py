@@ -10,8 +10,6 @@ slowest (a broker of the matrix's own).
 """
 
 import asyncio
-import os
-import signal
 import statistics
 import time
 
@@ -77,8 +75,7 @@ async def test_paused_broker_keeps_chat_serving_and_refuses_ratings_in_time(own_
     load = asyncio.create_task(driver.run())
     try:
         await driver.ledger.more_oks(20, 120)
-        pid = own_broker.pid
-        os.kill(pid, signal.SIGSTOP)
+        own_broker.pause()
         paused_at = time.monotonic()
         timeline.mark("broker paused")
         try:
@@ -86,7 +83,7 @@ async def test_paused_broker_keeps_chat_serving_and_refuses_ratings_in_time(own_
                 lambda seen: paused_long_enough(seen, paused_at), 90, "a pause long and busy enough"
             )
         finally:
-            os.kill(pid, signal.SIGCONT)
+            own_broker.resume()
             resumed_at = time.monotonic()
             timeline.mark("broker resumed")
         await driver.ledger.more_oks(20, 120)
