@@ -4,6 +4,7 @@ before a checkpoint commits offsets past them (a dead letter the broker refused 
 
 import dataclasses
 import logging
+from collections import OrderedDict
 
 from rlhf_online import contract
 from rlhf_online.proto.rlhf.v1 import events_pb2
@@ -19,6 +20,9 @@ MAX_DEAD_LETTER_BYTES = 1_000_000
 _KEEP_KEY_BYTES = 1024  # of a key that would not fit
 # The `reason` label of rlhf_reward_dlq_total: a closed set, since reasons carry ids from the wire.
 REASON_LABELS = ("cannot parse", "empty record value", "expired", "evicted", "internal error")
+# Positions dead-lettered recently. After a rebalance the service reads a partition again from below what it
+# held, so a bad record there comes back; it is dead-lettered once, not once per reading.
+_REMEMBERED_POSITIONS = 100_000
 
 
 def source_topic(topics: Topics, side: str) -> str:
@@ -34,10 +38,13 @@ class DeadLetterOutbox:
         self._topics = topics
         self._futures: list = []
         self.sent = 0
+        self._positions: OrderedDict[tuple[str, int, int], None] = OrderedDict()
 
     def send(self, dead: DeadLetter) -> None:
-        dead = fit(dead)
         topic = source_topic(self._topics, dead.side)
+        if not self._first_time(topic, dead.partition, dead.offset):
+            return
+        dead = fit(dead)
         msg = events_pb2.DeadLetter(
             source_topic=topic,
             partition=dead.partition,
@@ -52,6 +59,16 @@ class DeadLetterOutbox:
         self.sent += 1
         metrics.DLQ.labels(reason_label(dead.reason)).inc()
         log.warning("dead-lettered %s:%d@%d: %s", topic, dead.partition, dead.offset, dead.reason)
+
+    def _first_time(self, topic: str, partition: int, offset: int) -> bool:
+        """True unless the record at this position was dead-lettered already (the oldest are forgotten)."""
+        position = (topic, partition, offset)
+        if position in self._positions:
+            return False
+        self._positions[position] = None
+        if len(self._positions) > _REMEMBERED_POSITIONS:
+            self._positions.popitem(last=False)
+        return True
 
     def flush(self) -> None:
         """Blocks until the broker has every dead letter sent so far.
