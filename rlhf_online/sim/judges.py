@@ -13,7 +13,7 @@ Built-in judges (`--judge NAME`, options as `--judge-args key=value,key=value`):
 
 The preference suite (`rlhf_online/sim/preferences.py`) adds one judge of every kind, calibrated on the tiny
 preset and on a real chat model: contains, absent, starts, ends, keyword_words, upper_and_lowercase, and for
-real text concise, asks_back, no_lists, enthusiastic.
+real text concise, addresses_user, structured, enthusiastic (asks_back and no_lists stay selectable).
 
 Any Python callable works too: `--judge mypackage.mymodule:likes_cats`, where
 `def likes_cats(prompt: str, response: str) -> bool | float`.

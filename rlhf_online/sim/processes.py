@@ -38,8 +38,7 @@ DEMO_FLAGS: dict[str, dict[str, str]] = {"inference": {"--replica-id": "demo-0"}
 # and what it lacks, not only its shares: on the preference suite's base answers (benchmarks/reward_suite.py,
 # 800 ratings) held-out AUC rose from 0.49-0.75 to 0.96-1.00 on presence, absence, start, end and the
 # combined judge, 0.49 -> 0.74 on length, 0.95 -> 0.89 on the lowercase share. It reads the answer only (the
-# last 40 tokens: 32 of answer, the end of the chat template) and takes 4 steps per 32 ratings. A real
-# model directory keeps the reward service's defaults.
+# last 40 tokens: 32 of answer, the end of the chat template) and takes 4 steps per 32 ratings.
 TINY_MODEL_FLAGS: dict[str, dict[str, str]] = {
     "reward": {
         "--backbone-layers": "0",
@@ -50,6 +49,13 @@ TINY_MODEL_FLAGS: dict[str, dict[str, str]] = {
         "--steps-per-update": "4",
         "--checkpoint-every-updates": "4",
     },
+}
+
+# With a real model (SmolLM2-135M-Instruct measured, docs/real-model.md): a reward model of the bottom 2 of
+# its 30 blocks learns the real-text judges better (mean held-out AUC 0.85 vs 0.80 after 150 ratings, 0.94
+# after 300) for a fifth of the CPU (3.4 vs 19.2 s per update).
+REAL_MODEL_FLAGS: dict[str, dict[str, str]] = {
+    "reward": {"--backbone-layers": "2", "--trainable-layers": "2"},
 }
 
 
@@ -151,7 +157,7 @@ def _service(name: str, config: DemoConfig, common: dict, tiny: bool, run_dir: P
         "--grpc-port": str(grpc_port),
         "--metrics-port": str(metrics_port),
         **DEMO_FLAGS[name],
-        **(TINY_MODEL_FLAGS.get(name, {}) if tiny else {}),
+        **(TINY_MODEL_FLAGS if tiny else REAL_MODEL_FLAGS).get(name, {}),
     }
     tgi_port = free_port() if name == "inference" and config.protocol == "tgi" else -1
     if name == "inference":
