@@ -66,8 +66,9 @@ def test_service_flags_parse_with_the_services_configs(tmp_path):
         services.inference.health_service == processes.CHAT_SERVICE and services.trainer.health_service == ""
     )
     assert parse_config(TrainerConfig, services.trainer.command[4:], {}).min_new_ratings == 16
-    # Not the tiny model: the reward service keeps its own defaults.
-    assert parse_config(RewardConfig, services.reward.command[4:], {}).backbone_layers == -1
+    # Not the tiny model: a reward model of the base's bottom 2 blocks, all of them trained.
+    reward = parse_config(RewardConfig, services.reward.command[4:], {})
+    assert (reward.backbone_layers, reward.trainable_layers, reward.pooling) == (2, 2, "response_mean")
 
 
 def test_the_tiny_model_gets_a_reward_model_sized_for_it(tiny_model_dir, tmp_path):
