@@ -90,7 +90,7 @@ class Ledger:
     ratings: list[Rating] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     unrated: int = 0  # answers not rated: their client had MAX_PENDING ratings under way
-    _in_flight: Counter = field(default_factory=Counter)
+    calls_in_flight: Counter = field(default_factory=Counter)  # "chat" / "rating" -> calls under way
 
     def oks(self, what: str) -> int:
         if what == "chat":
@@ -99,7 +99,7 @@ class Ledger:
 
     def in_flight(self, what: str) -> int:
         """Calls sent and not answered yet, of Chat or of SubmitFeedback."""
-        return self._in_flight[what]
+        return self.calls_in_flight[what]
 
     def accepted_by(self, tag: str) -> int:
         """Ratings that process `tag` ("a#2") answered OK."""
@@ -254,12 +254,12 @@ class LoadDriver:
     @contextlib.asynccontextmanager
     async def _calling(self, what: str):
         """Counts the call in flight while it runs; waiters see it start."""
-        self.ledger._in_flight[what] += 1
+        self.ledger.calls_in_flight[what] += 1
         await self.ledger.note()
         try:
             yield
         finally:
-            self.ledger._in_flight[what] -= 1
+            self.ledger.calls_in_flight[what] -= 1
 
     async def _rate(self, rating: Rating, replica: str, value: int) -> None:
         """Sends the rating, retrying UNAVAILABLE and DEADLINE_EXCEEDED for up to `retry_for_s`."""
