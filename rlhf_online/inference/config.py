@@ -71,6 +71,19 @@ class InferenceConfig(ServiceConfig):
     feedback_ack_timeout_s: float = field(
         default=10.0, metadata={"help": "Longest wait for the broker to acknowledge a rating."}
     )
+    outbox_dir: str = field(
+        default="",
+        metadata={
+            "help": "Directory of the outbox journal: answers' Interactions are on disk before the answer "
+            "leaves, and a process started on the same directory sends what a killed one left unsent. One "
+            "per replica, on a volume that outlives the container (Kubernetes: an emptyDir). Empty: memory "
+            "only (an Interaction the broker has not acknowledged dies with the process)."
+        },
+    )
+    outbox_fsync: bool = field(
+        default=False,
+        metadata={"help": "fsync the outbox journal after every record (survives a machine crash too)."},
+    )
     max_user_id_chars: int = field(default=128, metadata={"help": "Longest accepted user_id."})
     max_comment_chars: int = field(default=2000, metadata={"help": "Longest accepted feedback comment."})
     max_messages: int = field(default=64, metadata={"help": "Most messages accepted in one ChatRequest."})

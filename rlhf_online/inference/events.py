@@ -24,6 +24,7 @@ from kafka.errors import KafkaError
 
 from rlhf_online.broker.clients import make_producer
 from rlhf_online.inference import metrics
+from rlhf_online.inference.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,20 @@ class Record:
     key: bytes
     value: bytes
     attempts: int = 0
+    seq: int = 0  # its entry in the outbox journal (0: none)
 
 
 class KafkaEvents:
     """Publishes to Kafka with one producer for acknowledged writes and one behind a retrying outbox."""
 
     def __init__(
-        self, bootstrap: str, *, client_id: str, max_outbox: int = 100_000, ack_timeout_s: float = 10.0
+        self,
+        bootstrap: str,
+        *,
+        client_id: str,
+        max_outbox: int = 100_000,
+        ack_timeout_s: float = 10.0,
+        journal: Journal | None = None,
     ) -> None:
         timeout_ms = int(ack_timeout_s * 1000)
         # Fails fast when the broker is away, so SubmitFeedback can answer UNAVAILABLE within its deadline.
@@ -55,7 +63,9 @@ class KafkaEvents:
             request_timeout_ms=timeout_ms,
             delivery_timeout_ms=timeout_ms + 1000,
         )
-        self._outbox = Outbox(make_producer(bootstrap, client_id=f"{client_id}-interactions"), max_outbox)
+        self._outbox = Outbox(
+            make_producer(bootstrap, client_id=f"{client_id}-interactions"), max_outbox, journal
+        )
         self._known_topics: set[str] = set()  # topics the acked producer has metadata for
 
     async def publish_acked_async(self, topic: str, key: bytes, value: bytes, timeout_s: float) -> None:
@@ -134,10 +144,15 @@ class KafkaEvents:
 
 
 class Outbox:
-    """A bounded queue of records that a thread sends, re-queueing each failure with backoff."""
+    """A bounded queue of records that a thread sends, re-queueing each failure with backoff.
 
-    def __init__(self, producer, max_records: int) -> None:
+    With a `journal` (journal.py), each record is on local disk before `put` returns and the records an
+    earlier process left unacknowledged there are queued first.
+    """
+
+    def __init__(self, producer, max_records: int, journal: Journal | None = None) -> None:
         self._producer = producer
+        self._journal = journal
         self._max_records = max_records
         self._queue: deque[Record] = deque()
         self._in_flight = 0
@@ -146,6 +161,8 @@ class Outbox:
         self._cond = threading.Condition()
         self._closing = False
         self._backoff_s = 0.0
+        for left in journal.replay() if journal else ():
+            self._enqueue(Record(left.topic, left.key, left.value, seq=left.seq))
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
         self._thread.start()
 
@@ -163,11 +180,17 @@ class Outbox:
                     "outbox full (%d records): dropped the oldest %s record", self._max_records, dropped.topic
                 )
                 self._settle(dropped, PublishError("the outbox was full and dropped it"))
-            self._queue.append(record)
-            name = (record.topic, record.key)
-            self._unacked[name] = self._unacked.get(name, 0) + 1
-            metrics.OUTBOX.set(len(self._queue) + self._in_flight)
+            if self._journal is not None:
+                record.seq = self._journal.append(record.topic, record.key, record.value)
+            self._enqueue(record)
             self._cond.notify()
+
+    def _enqueue(self, record: Record) -> None:
+        """Holds `self._cond` (or runs before the thread starts)."""
+        self._queue.append(record)
+        name = (record.topic, record.key)
+        self._unacked[name] = self._unacked.get(name, 0) + 1
+        metrics.OUTBOX.set(len(self._queue) + self._in_flight)
 
     def when_acked(self, topic: str, key: bytes, callback: Callable[[Exception | None], None]) -> bool:
         """Arranges `callback(None)` once no record of (`topic`, `key`) waits, or `callback(error)` when one
@@ -187,15 +210,26 @@ class Outbox:
                 self._cond.wait(timeout=0.1)
             self._closing = True
             left = list(self._queue)
-            for record in left:
-                self._settle(record, PublishError("the service shut down before the broker acknowledged it"))
+            for record in left:  # kept in the journal, if any, for the next start
+                self._settle(
+                    record, PublishError("the service shut down before the broker acknowledged it"), keep=True
+                )
             self._cond.notify_all()
         self._thread.join(timeout=5)
         self._producer.close(timeout=max(0.0, deadline - time.monotonic()))
-        for record in left:
-            metrics.PUBLISH_DROPPED.labels(record.topic).inc()
-        if left or self._in_flight:
-            log.error("shut down with %d events not acknowledged by the broker", len(left) + self._in_flight)
+        with self._cond:
+            unsent = len(left) + self._in_flight
+            if self._journal is not None:
+                self._journal.close()
+        if self._journal is not None and unsent:
+            log.warning(
+                "shut down with %d events not acknowledged by the broker; they stay in the outbox journal "
+                "%s and the next start on it sends them", unsent, self._journal.directory,
+            )  # fmt: skip
+        elif unsent:
+            for record in left:
+                metrics.PUBLISH_DROPPED.labels(record.topic).inc()
+            log.error("shut down with %d events not acknowledged by the broker", unsent)
 
     def _run(self) -> None:
         while True:
@@ -241,9 +275,12 @@ class Outbox:
             self._queue.appendleft(record)
             self._cond.notify_all()
 
-    def _settle(self, record: Record, error: Exception | None = None) -> None:
+    def _settle(self, record: Record, error: Exception | None = None, keep: bool = False) -> None:
         """One record of its (topic, key) is acknowledged or given up on; wakes the waiters on the last one.
-        Holds `self._cond`."""
+        Its journal entry is acknowledged too, unless `keep` (shutdown: the next start sends it). Holds
+        `self._cond`."""
+        if record.seq and not keep and self._journal is not None:
+            self._journal.ack(record.seq)
         name = (record.topic, record.key)
         left = self._unacked.get(name, 0) - 1
         if left > 0:

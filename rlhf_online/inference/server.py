@@ -29,6 +29,7 @@ from rlhf_online.inference.chat import ChatService
 from rlhf_online.inference.config import InferenceConfig
 from rlhf_online.inference.events import KafkaEvents
 from rlhf_online.inference.follower import POLICY, ModelFollower
+from rlhf_online.inference.journal import Journal
 from rlhf_online.inference.signing import ResponseSigner, format_time, random_signer, signer_from_settings
 from rlhf_online.inference.tgi_backend import TgiBackend
 from rlhf_online.inference.tgi_http import TgiHttp, local_model_info, server_ssl_context
@@ -79,8 +80,12 @@ async def create_server(config: InferenceConfig) -> InferenceServer:
     replica = config.replica_id or socket.gethostname()
     topics = Topics(config.topic_prefix)
     registry = Registry(config.registry_dir)
+    journal = Journal(config.outbox_dir, fsync=config.outbox_fsync) if config.outbox_dir else None
     events = KafkaEvents(
-        config.kafka_bootstrap, client_id=f"inference-{replica}", ack_timeout_s=config.feedback_ack_timeout_s
+        config.kafka_bootstrap,
+        client_id=f"inference-{replica}",
+        ack_timeout_s=config.feedback_ack_timeout_s,
+        journal=journal,
     )
     load = lambda path: load_policy(path, device=config.torch_device())  # noqa: E731
     if config.backend == "tgi":

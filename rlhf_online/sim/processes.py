@@ -162,6 +162,7 @@ def _service(name: str, config: DemoConfig, common: dict, tiny: bool, run_dir: P
     tgi_port = free_port() if name == "inference" and config.protocol == "tgi" else -1
     if name == "inference":
         flags["--signing-key"] = secrets.token_hex(32)
+        flags["--outbox-dir"] = str(run_dir / "outbox")
         flags["--tgi-port"] = str(tgi_port)
     else:
         flags["--seed"] = str(config.seed)

@@ -15,6 +15,7 @@ themselves.
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -100,6 +101,11 @@ class Proc:
     def log_tail(self, lines: int = 40) -> str:
         return self.service.log_tail(lines)
 
+    def journal_replays(self) -> list[int]:
+        """Records each incarnation's outbox journal sent for an earlier one (from its log), in order."""
+        text = self.service.log_path.read_text(encoding="utf-8", errors="replace")
+        return [int(n) for n in re.findall(r"outbox journal \S+: sending (\d+) records", text)]
+
 
 class Cluster:
     """The service processes of one scenario, on one broker, topic prefix and registry."""
@@ -111,8 +117,14 @@ class Cluster:
 
     def inference(self, name: str, **flags: str) -> Proc:
         """An inference replica; replicas of one cluster share the signing key, so each takes the others'
-        ratings."""
-        extra = {"--replica-id": name, "--signing-key": SIGNING_KEY, **INFERENCE_FLAGS, **flags}
+        ratings. Each has its own outbox journal, which its next incarnation replays."""
+        extra = {
+            "--replica-id": name,
+            "--signing-key": SIGNING_KEY,
+            "--outbox-dir": str(self.run_dir / "outbox" / name),
+            **INFERENCE_FLAGS,
+            **flags,
+        }
         return self._proc(name, "inference", CHAT_SERVICE, extra)
 
     def reward(self, **flags: str) -> Proc:
