@@ -121,6 +121,38 @@ def test_the_users_thumbs_promote_or_roll_back_the_canary(
     assert start.parent_version == "v000001" and start.metrics[CANARY_SHARE] == pytest.approx(0.2)
 
 
+def test_a_trainer_restarted_during_a_trial_carries_it_on(kafka_bootstrap, topics, tiny_model_dir, tmp_path):
+    registry = Registry(tmp_path / "registry")
+    ensure_initial_policy(registry, tiny_model_dir)
+    produce_traffic(
+        kafka_bootstrap, topics, AutoTokenizer.from_pretrained(tiny_model_dir), N_TRAFFIC, ratings=True
+    )
+    first = start_trainer(kafka_bootstrap, topics, registry, **SMALL_ROUND)
+    try:
+        announce_reward_checkpoint(kafka_bootstrap, topics, registry, tiny_model_dir, 40)
+        wait_for(lambda: first.rounds_run or first.rounds_failed, 240, "a round")
+        assert first.trial_running
+    finally:
+        first.stop()  # or killed: the trial lives on in the events, not in the process
+    produce_ratings(kafka_bootstrap, topics, {"v000002": 0.8, "v000001": 0.3}, 15)  # read by the next one
+
+    second = start_trainer(kafka_bootstrap, topics, registry, **SMALL_ROUND)
+    try:
+        assert second.trial_running and second.canary.trial.canary_version == "v000002"
+        assert second.run_round_now("asked") is None  # no round while the resumed trial runs
+        produce_ratings(kafka_bootstrap, topics, {"v000002": 0.8, "v000001": 0.3}, 200)
+        wait_for(lambda: second.canary.decisions, 120, "the resumed trial's decision")
+    finally:
+        second.stop()
+    (decision,) = second.canary.decisions
+    assert decision.outcome == "promote" and registry.latest(POLICY) == "v000002"
+    (record,) = read_topic(kafka_bootstrap, topics.canary, min_records=1)
+    event = events_pb2.CanaryDecision.FromString(record.value)
+    assert event.canary_ratings >= 20  # the 15 rated before the restart may count, each once
+    actions = [e.action for e in model_events(kafka_bootstrap, topics, events_pb2.POLICY)]
+    assert actions == [events_pb2.CANARY, events_pb2.PROMOTED]  # the restart announced nothing
+
+
 def test_a_canary_share_needs_kafka(tmp_path):
     from rlhf_online.trainer.service import create_service
 

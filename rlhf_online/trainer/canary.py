@@ -61,18 +61,46 @@ class CanaryRunner:
 
     def start(self, stable: str, canary_event: events_pb2.ModelEvent) -> None:
         """Starts reading ratings from now, then announces the canary (the CANARY event)."""
-        started_ms = now_ms()
-        self.trial = CanaryTrial(
-            self.config, stable_version=stable, canary_version=canary_event.version, started_ms=started_ms
-        )
-        self._consumer = self._feedback_consumer(started_ms)
-        metrics.CANARY_ACTIVE.set(1)
-        metrics.record_trial(self.trial.figures())
+        self._open(stable, canary_event.version, now_ms())
         self.publisher.model_event(canary_event)
         log.info(
             "canary trial of %s (%.0f%% of traffic) against %s started", canary_event.version,
             100 * self.share, stable,
         )  # fmt: skip
+
+    def resume(self, last_policy_event: events_pb2.ModelEvent | None) -> bool:
+        """Carries on the trial a stopped trainer left open, if the last policy event announced one.
+
+        The replicas still serve that plan (they follow the events, not the trainer), so the trial goes on
+        from its start: the ratings since the CANARY event are read again (`CanaryTrial` counts each event
+        id once) and its clock still runs from then. Returns whether a trial was resumed.
+        """
+        event = last_policy_event
+        if event is None or event.action != events_pb2.CANARY:
+            return False
+        stable = event.parent_version
+        if self.registry.latest(POLICY) != stable:
+            log.warning(
+                "not resuming the canary trial of %s: LATEST is %s, not its stable version %s",
+                event.version, self.registry.latest(POLICY), stable,
+            )  # fmt: skip
+            return False
+        self._open(stable, event.version, event.timestamp_ms)
+        log.info(
+            "canary trial of %s against %s resumed (started at %d ms)",
+            event.version,
+            stable,
+            event.timestamp_ms,
+        )
+        return True
+
+    def _open(self, stable: str, canary: str, started_ms: int) -> None:
+        self.trial = CanaryTrial(
+            self.config, stable_version=stable, canary_version=canary, started_ms=started_ms
+        )
+        self._consumer = self._feedback_consumer(started_ms)
+        metrics.CANARY_ACTIVE.set(1)
+        metrics.record_trial(self.trial.figures())
 
     def step(self, timeout_ms: int) -> Decision | None:
         """Feeds the ratings that came in (waiting up to `timeout_ms`) to the trial; carries out its

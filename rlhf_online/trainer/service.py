@@ -39,7 +39,13 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from rlhf_online.broker.clients import make_consumer, make_producer, wait_for_broker, wait_for_partitions
+from rlhf_online.broker.clients import (
+    make_consumer,
+    make_producer,
+    read_topic,
+    wait_for_broker,
+    wait_for_partitions,
+)
 from rlhf_online.contract import KINDS, POLICY, REWARD, RewardFigure, kind_name
 from rlhf_online.engine.chat_format import render_prompt
 from rlhf_online.health import HealthServer
@@ -285,6 +291,7 @@ class TrainerService:
                 self.config.canary_config(), self.config.canary_share, self.registry, self.publisher,
                 self.topics, bootstrap,
             )  # fmt: skip
+            self.canary.resume(self._last_policy_event())  # a trial this trainer's last run left open
         consumer = make_consumer(bootstrap, group_id=self.config.consumer_group, client_id="trainer")
         interactions = wait_for_partitions(consumer, self.topics.interactions)
         models = wait_for_partitions(consumer, self.topics.models)
@@ -296,6 +303,15 @@ class TrainerService:
         for tp, offset in consumer.end_offsets(models).items():
             consumer.seek(tp, offset)
         self._consumer = consumer
+
+    def _last_policy_event(self) -> events_pb2.ModelEvent | None:
+        """The newest policy ModelEvent on the models topic (its key is the kind: one partition, in order)."""
+        last = None
+        for record in read_topic(self.config.kafka_bootstrap, self.topics.models, timeout_s=60):
+            event, _ = _decode(events_pb2.ModelEvent, record.value)
+            if event is not None and event.kind == events_pb2.POLICY:
+                last = event
+        return last
 
     def _poll_kafka(self, timeout_ms: int) -> None:
         """Adds new interactions to the prompt pool and takes note of new reward checkpoints."""
