@@ -22,6 +22,7 @@ import torch
 
 from rlhf_online.broker.clients import read_topic
 from rlhf_online.contract import POLICY
+from rlhf_online.engine.tiny_model import TINY_LEARNING_RATE
 from rlhf_online.proto.rlhf.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 from rlhf_online.sim.judges import load_judge
 from rlhf_online.sim.simulate import load_prompts
@@ -87,7 +88,8 @@ def start_trainer(kafka_bootstrap, topics, registry, reward_loader):
     """A trainer whose passed versions first serve half the traffic; one default-sized PPO round."""
     config = TrainerConfig(
         kafka_bootstrap=kafka_bootstrap, topic_prefix=topics.prefix, registry_dir=str(registry.root),
-        grpc_port=0, min_new_ratings=40, round_interval_s=0, poll_interval_s=0.2, seed=0,
+        grpc_port=0, learning_rate=TINY_LEARNING_RATE, min_new_ratings=40, round_interval_s=0,
+        poll_interval_s=0.2, seed=0,
         max_new_tokens=ANSWER_TOKENS, eval_prompts=16, eval_samples_per_prompt=4,
         canary_share=0.5, canary_min_ratings=30, canary_margin=0.05, canary_max_ratings=600,
     )  # fmt: skip
@@ -103,12 +105,12 @@ def start_trainer(kafka_bootstrap, topics, registry, reward_loader):
     ids=["honest-reward-is-promoted", "hacked-reward-passes-the-gate-and-is-rolled-back"],
 )
 async def test_the_users_thumbs_decide_what_the_reward_model_passed(
-    served,
+    served,  # noqa: F811
     kafka_bootstrap,
     topics,
     tiny_model_dir,
     sign,
-    outcome,  # noqa: F811
+    outcome,
 ):
     running, channel, registry = served
     users = Users(channel)

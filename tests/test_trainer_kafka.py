@@ -23,6 +23,7 @@ from rlhf_online.contract import (
     now_ms,
 )
 from rlhf_online.engine.chat_format import render_prompt
+from rlhf_online.engine.tiny_model import TINY_LEARNING_RATE
 from rlhf_online.proto.rlhf.v1 import chat_pb2, events_pb2
 from rlhf_online.registry import Registry
 from rlhf_online.reward.model import init_reward_model
@@ -118,7 +119,7 @@ def start_trainer(bootstrap: str, topics, registry: Registry, **overrides):
     config = TrainerConfig(
         kafka_bootstrap=bootstrap, topic_prefix=topics.prefix, registry_dir=str(registry.root), grpc_port=0,
         consumer_group=f"trainer-{topics.prefix}", min_new_ratings=40, round_interval_s=0,
-        poll_interval_s=0.2, **overrides,
+        poll_interval_s=0.2, **{"learning_rate": TINY_LEARNING_RATE, **overrides},
     )  # fmt: skip
     service = create_service(config)
     service.start()

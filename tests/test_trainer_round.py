@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_online.contract import RoundFigure, now_ms
 from rlhf_online.engine.chat_format import render_prompt
+from rlhf_online.engine.tiny_model import TINY_LEARNING_RATE
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Registry
 from rlhf_online.trainer import round as round_module
@@ -93,9 +94,10 @@ def reference(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tokenizer, prompt_split, reference):
-    """One round with the default config (the one the demo uses), top 2 layers trainable."""
+    """One round with the default config and the tiny preset's learning rate (what the demo uses), top 2
+    layers trainable."""
     torch.manual_seed(0)
-    config = TrainerConfig()
+    config = TrainerConfig(learning_rate=TINY_LEARNING_RATE)
     policy = build_policy(
         tiny_model_dir, train_mode=config.train_mode, trainable_layers=config.trainable_layers
     )

@@ -32,6 +32,11 @@ CHAT_TEMPLATE = (
 )
 
 
+# The PPO learning rate of the tiny preset (random weights, 2.6M parameters): what the demo and the tests give
+# the trainer. Pretrained models need far smaller steps (the trainer's default).
+TINY_LEARNING_RATE = 5e-4
+
+
 @dataclass(frozen=True)
 class Preset:
     """Architecture of a preset; the vocabulary is always the character set above."""

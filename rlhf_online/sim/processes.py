@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rlhf_online.engine.tiny_model import is_tiny_preset
+from rlhf_online.engine.tiny_model import TINY_LEARNING_RATE, is_tiny_preset
 from rlhf_online.sim.config import DemoConfig
 
 CHAT_SERVICE = "rlhf.v1.ChatService"
@@ -49,6 +49,8 @@ TINY_MODEL_FLAGS: dict[str, dict[str, str]] = {
         "--steps-per-update": "4",
         "--checkpoint-every-updates": "4",
     },
+    # A random model needs big steps; the trainer's default (1e-5) is for pretrained ones.
+    "trainer": {"--learning-rate": str(TINY_LEARNING_RATE)},
 }
 
 # With a real model (SmolLM2-135M-Instruct measured, docs/real-model.md): a reward model of the bottom 2 of

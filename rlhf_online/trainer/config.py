@@ -83,7 +83,14 @@ class TrainerConfig(ServiceConfig):
     # ---- PPO ----------------------------------------------------------------------------------------------
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over the round's rollouts."})
     minibatch_size: int = field(default=16, metadata={"help": "Rollouts per gradient step."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate."})
+    learning_rate: float = field(
+        default=1e-5,
+        metadata={
+            "help": "AdamW learning rate. The default suits pretrained models (on SmolLM2-135M-Instruct one "
+            "round at 5e-4 turned 'The capital of France is Paris.' into French word salad); the tiny "
+            "random preset needs 5e-4 (the demo sets it)."
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping by global norm."})
     clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
     clip_range_value: float = field(default=0.2, metadata={"help": "Value clip epsilon."})

@@ -1,0 +1,129 @@
+"""Can PPO learn a preference at all? The trainer's rounds against the judge itself, with no reward model.
+
+The whole loop (benchmarks/learning_suite.py) can fail a judge for two reasons: the reward model cannot
+tell the answers apart, or PPO cannot move the policy towards what the reward model says. This script
+isolates the second: it runs the trainer's own `run_round` (the same rollouts, GAE, clipped updates, KL
+and gate as `serve-trainer`) for `--rounds` rounds, with the judge's verdict as the reward (a perfect,
+noise-free reward model: score = scale * (2 P(up) - 1)), on the simulator's prompts, and prints per judge
+the held-out judge rate of the serving version after every round.
+
+    .venv/bin/python benchmarks/ppo_oracle.py --judges starts,ends --rounds 10
+    .venv/bin/python benchmarks/ppo_oracle.py --judges starts --trainer-args "--lam 1.0"
+
+One round here is what one round of the demo's trainer does (its defaults, the tiny preset's learning rate on
+the tiny preset, then `--trainer-args`), without
+the waiting for ratings, so `--rounds 10` is about what an 8-minute tiny demo gets.
+"""
+
+import argparse
+import copy
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_online.config import parse_config
+from rlhf_online.engine.chat_format import render_prompt
+from rlhf_online.engine.tiny_model import TINY_LEARNING_RATE, is_tiny_preset, write_tiny_model
+from rlhf_online.sim.judges import load_judge, thumbs_up_probability
+from rlhf_online.sim.preferences import TINY_SUITE
+from rlhf_online.sim.simulate import load_prompts
+from rlhf_online.trainer.config import TrainerConfig
+from rlhf_online.trainer.kl import make_kl_controller
+from rlhf_online.trainer.policy import build_policy, freeze_all_but_top_layers, load_reference
+from rlhf_online.trainer.round import run_round
+from rlhf_online.trainer.triggers import split_prompts
+
+
+def oracle_reward(judge, scale: float):
+    """reward_fn(prompts, responses) -> (B,) scale * (2 P(up) - 1): the judge as a perfect reward model."""
+
+    def reward_fn(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        p = [thumbs_up_probability(judge, pr, r) for pr, r in zip(prompts, responses, strict=True)]
+        return scale * (2 * torch.tensor(p) - 1)  # (B,)
+
+    return reward_fn
+
+
+def rate(score: float, scale: float) -> float:
+    """The judge rate behind a mean oracle score."""
+    return (score / scale + 1) / 2
+
+
+def run_judge(model_dir: Path, name: str, judge_args: str, config: TrainerConfig, rounds: int, scale: float):
+    """Rounds of PPO (top_layers mode) on one judge.
+
+    Yields (round, passed, serving rate, candidate rate, candidate KL, seconds) per round.
+    """
+    torch.manual_seed(config.seed)
+    judge = load_judge(name, judge_args)
+    reward_fn = oracle_reward(judge, scale)
+    reference = load_reference(model_dir)
+    policy = build_policy(model_dir, train_mode=config.train_mode, trainable_layers=config.trainable_layers)
+    tokenizer = _tokenizer(model_dir)
+    prompts = [render_prompt(tokenizer, [("user", p)]) for p in load_prompts()]
+    train, heldout = split_prompts(prompts, config.heldout_fraction, config.eval_prompts)
+    kl_ctl = make_kl_controller(config.kl_controller, config.kl_coef, config.kl_target, config.kl_horizon)
+    for number in range(1, rounds + 1):
+        saved = copy.deepcopy(policy.state_dict())
+        t0 = time.perf_counter()
+        result = run_round(
+            policy, reference, tokenizer, reward_fn, train, heldout, config, kl_ctl,
+            seed=config.seed + number, name=f"{name}-{number}",
+        )  # fmt: skip
+        if not result.decision.passed:
+            policy.load_state_dict(saved)  # the service starts its next round from the serving version
+        # The round exported (froze) the LM; the service loads the next round's policy afresh, so thaw it.
+        freeze_all_but_top_layers(policy.lm, config.trainable_layers)
+        cand = result.candidate_eval
+        yield (
+            number, result.decision.passed, rate(result.serving_eval.mean_score, scale),
+            rate(cand.mean_score, scale) if cand else float("nan"),
+            cand.kl_to_reference if cand else float("nan"),
+            time.perf_counter() - t0,
+        )  # fmt: skip
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, help="default: a fresh tiny preset (seed 0)")
+    parser.add_argument("--judges", default=",".join(TINY_SUITE), help="comma-separated suite judges")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--scale", type=float, default=2.0, help="oracle score of a sure thumbs up")
+    parser.add_argument("--trainer-args", default="", help="serve-trainer flags (shell words)")
+    parser.add_argument("-v", action="store_true", help="log every round's figures")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO if "-v" in sys.argv else logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir or write_tiny_model(Path(tmp) / "tiny", seed=0)
+        tiny = ["--learning-rate", str(TINY_LEARNING_RATE)] if is_tiny_preset(model_dir) else []
+        config = parse_config(TrainerConfig, [*tiny, *shlex.split(args.trainer_args)], {})
+        print(f"# trainer args: {args.trainer_args or '(defaults)'}; {args.rounds} rounds", flush=True)
+        print("| judge | start | after each round (serving rate; * = gate rejected) | last | KL | s/round |")
+        print("|---|---|---|---|---|---|")
+        for name in args.judges.split(","):
+            rows = list(run_judge(model_dir, name, TINY_SUITE.get(name, ""), config, args.rounds, args.scale))
+            trail = " ".join(f"{r[3]:.2f}" if r[1] else f"{r[3]:.2f}*" for r in rows)
+            last = next((r[3] for r in reversed(rows) if r[1]), rows[0][2])
+            kl = next((r[4] for r in reversed(rows) if r[1]), 0.0)
+            print(
+                f"| {name} | {rows[0][2]:.2f} | {trail} | {last:.2f} | {kl:.1f} | "
+                f"{sum(r[5] for r in rows) / len(rows):.1f} |",
+                flush=True,
+            )
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
