@@ -235,6 +235,7 @@ def test_write_report_files(tmp_path):
 def test_write_report_with_no_data(tmp_path):
     path = report.write_report(RunData(), tmp_path)
     assert "Not enough data" in path.read_text() and "No PPO round" in path.read_text()
+    assert "No canary trial" in path.read_text()
     assert all((tmp_path / name).is_file() for name, _, _ in report.PLOTS)
 
 

@@ -1,6 +1,6 @@
-"""Follows a run's models and rounds topics in the background, so the demo's display shows what the
-trainer and the reward service decided (versions published, every PPO round and its gate decision) as it
-happens, from their events rather than from their metrics.
+"""Follows a run's models, rounds and canary topics in the background, so the demo's display shows what the
+trainer and the reward service decided (versions published, every PPO round and its gate decision, canary
+trials started and decided) as it happens, from their events rather than from their metrics.
 """
 
 import logging
@@ -15,10 +15,12 @@ log = logging.getLogger(__name__)
 
 
 class EventFollower(threading.Thread):
-    """Reads ModelEvents (`topics.models`) and RoundEvents (`topics.rounds`) from the beginning into records.
+    """Reads ModelEvents (`topics.models`), RoundEvents (`topics.rounds`) and CanaryDecisions
+    (`topics.canary`) from the beginning into records.
 
-    A daemon thread with a consumer of its own (no group, nothing committed); `snapshot()` gives what it has
-    read so far. The display is a nicety: a failure here is logged and ends the thread, never the demo.
+    A daemon thread with a consumer of its own (no group, nothing committed); `snapshot()` gives the model
+    changes and rounds read so far, `trials()` the canary decisions. The display is a nicety: a failure here
+    is logged and ends the thread, never the demo.
     """
 
     def __init__(self, bootstrap: str, topics: Topics, *, client_id: str = "rlhf-demo-display") -> None:
@@ -26,6 +28,7 @@ class EventFollower(threading.Thread):
         self.bootstrap, self.topics, self.client_id = bootstrap, topics, client_id
         self._models: list[runlog.ModelChange] = []
         self._rounds: list[runlog.Round] = []
+        self._trials: list[runlog.Trial] = []
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
 
@@ -33,7 +36,7 @@ class EventFollower(threading.Thread):
         consumer = make_consumer(self.bootstrap, group_id=None, client_id=self.client_id)
         try:
             partitions = []
-            for topic in (self.topics.models, self.topics.rounds):
+            for topic in (self.topics.models, self.topics.rounds, self.topics.canary):
                 partitions += wait_for_partitions(consumer, topic, stop=self._stop_event)
             consumer.assign(partitions)
             consumer.seek_to_beginning(*partitions)
@@ -41,7 +44,8 @@ class EventFollower(threading.Thread):
                 for tp, records in consumer.poll(timeout_ms=500).items():
                     self._add(tp.topic, records)
         except Exception as e:
-            log.warning("stopped following %s and %s: %s", self.topics.models, self.topics.rounds, e)
+            t = self.topics
+            log.warning("stopped following %s, %s and %s: %s", t.models, t.rounds, t.canary, e)
         finally:
             consumer.close()
 
@@ -51,6 +55,10 @@ class EventFollower(threading.Thread):
             models = runlog.parse_records(records, events_pb2.ModelEvent, topic=topic)
             with self._lock:
                 self._models += [runlog.model_change(m) for m in models]
+        elif topic == self.topics.canary:
+            decisions = runlog.parse_records(records, events_pb2.CanaryDecision, topic=topic)
+            with self._lock:
+                self._trials += [runlog.trial(d) for d in decisions]
         else:
             rounds = runlog.parse_records(records, events_pb2.RoundEvent, topic=topic)
             with self._lock:
@@ -60,6 +68,11 @@ class EventFollower(threading.Thread):
         """(model changes, rounds) read so far, each in topic order."""
         with self._lock:
             return list(self._models), list(self._rounds)
+
+    def trials(self) -> list[runlog.Trial]:
+        """The canary decisions read so far, in topic order (`Progress.on_events(..., trials=...)`)."""
+        with self._lock:
+            return list(self._trials)
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -1,4 +1,5 @@
-"""The report's HTML page: the verdict, the closing figures, per-version and per-round tables, the plots.
+"""The report's HTML page: the verdict, the closing figures, per-version, per-round and per-canary-trial
+tables, the plots.
 
 Plain HTML with the PNGs beside it (no scripts, no network), so the folder can be mailed or archived as is.
 Every value that came from the topics is escaped.
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 from rlhf_online.sim.plots import PLOTS
 from rlhf_online.sim.runlog import Round
-from rlhf_online.sim.stats import Verdict, VersionRow
+from rlhf_online.sim.stats import TrialSpan, Verdict, VersionRow
 
 MAX_ROUND_ROWS = 50  # the rounds table shows the last this many
 _COLOURS = {True: "#d4f4dd", False: "#fde2e1", None: "#eeeeee"}  # by Verdict.learning
@@ -60,6 +61,9 @@ def figures_table(v: Verdict) -> str:
         ("swaps in serving", str(v.swaps)),
         ("wall time", f"{v.wall_time_s / 60:.1f} min"),
     ]
+    if v.canary_trials:
+        trials = f"{v.canary_trials} ({v.canary_promoted}, {v.canary_rolled_back})"
+        figures.insert(4, ("canary trials (promoted, rolled back)", trials))
     return "<table>" + "".join(_row([esc(k), esc(val)], "th") for k, val in figures) + "</table>"
 
 
@@ -95,6 +99,36 @@ def rounds_table(rounds: Sequence[Round]) -> str:
     return shown + "<table>" + _row(head, "th") + "".join(body) + "</table>"
 
 
+def _arm(ratings: int, ups: int) -> str:
+    return f"{ups} / {ratings}"
+
+
+def trials_table(spans: Sequence[TrialSpan]) -> str:
+    """One row per canary trial: its versions and share, each arm's ratings and rate, the always-valid
+    bounds on the difference, the outcome and the trainer's reason."""
+    if not spans:
+        return "<p>No canary trial was run (the trainer runs them with --canary-share).</p>"
+    head = ["canary", "stable", "share", "canary up / ratings", "stable up / ratings", "canary rate"]
+    head += ["stable rate", "difference (bounds)", "margin", "outcome", "reason"]
+    body = []
+    for s in spans:
+        d = s.decision
+        cells = [esc(s.canary), esc(s.stable), _pct(s.share)]
+        if d is None:
+            cells += ["-"] * 6
+        else:
+            bounds = f"{d.difference:+.3f} [{d.lower:+.3f}, {d.upper:+.3f}]"
+            cells += [_arm(d.canary_ratings, d.canary_ups), _arm(d.stable_ratings, d.stable_ups)]
+            cells += [_pct(d.canary_rate), _pct(d.stable_rate), bounds, _num(d.margin, 2)]
+        outcome = s.outcome or "open"
+        cells.append(esc(f"{outcome} ({d.code})" if d and d.code else outcome))
+        reason = (
+            d.reason if d else ("no CanaryDecision on the canary topic" if s.outcome else "still running")
+        )
+        body.append(_row(cells, text=esc(reason)))
+    return "<table>" + _row(head, "th") + "".join(body) + "</table>"
+
+
 def images() -> str:
     return "".join(
         f'<h2>{esc(caption)}</h2><img src="{name}" alt="{esc(caption)}">' for name, caption, _ in PLOTS
@@ -113,6 +147,11 @@ def how_to_read(min_ratings: int, notes: Sequence[str]) -> str:
         "majority baseline.",
         "PPO rounds are the trainer's RoundEvents (the rounds topic): every round, whether the gate passed "
         "it, rejected it, or it failed.",
+        "A canary trial serves a passed version to a share of the users beside the stable one until the "
+        "users' thumbs decide (the canary topic's CanaryDecisions). Its figures are the trainer's; the "
+        "bounds are an always-valid confidence sequence on canary rate - stable rate, the plot's bands "
+        "pointwise Wilson intervals. A canary that was rolled back never served all users: it is no swap "
+        "and does not count as the last version in the verdict.",
         *notes,
     ]
     return "<ul>" + "".join(f"<li>{esc(item)}</li>" for item in items) + "</ul>"
@@ -125,6 +164,7 @@ def page(
     rounds: Sequence[Round],
     min_ratings: int,
     notes: Sequence[str] = (),
+    trials: Sequence[TrialSpan] = (),
 ) -> str:
     """The whole report.html."""
     body = [
@@ -135,6 +175,8 @@ def page(
         versions_table(rows),
         "<h2>PPO rounds and the gate's decisions</h2>",
         rounds_table(rounds),
+        "<h2>Canary trials</h2>",
+        trials_table(trials),
         images(),
         "<h2>How to read this</h2>",
         how_to_read(min_ratings, notes),

@@ -1,11 +1,13 @@
 """The report's PNG plots, one function each, all drawn from a `RunData` (rlhf_online.sim.runlog).
 
 1. thumbs-up rate per model version, with 95% intervals and the number of ratings behind each;
-2. thumbs-up rate over time, with the moments serving swapped versions;
+2. thumbs-up rate over time, with the moments serving swapped versions and the canary trials shaded;
 3. the reward model's held-out accuracy against the ratings it had applied;
 4. PPO reward and KL per round (from the RoundEvents), marked by the gate's decision;
-5. the timeline: which version served when, policy and reward versions published, gate rejections,
-   rollbacks.
+5. the timeline: which version served when, policy versions live (published or promoted), canary trials
+   started, reward versions published, gate rejections, rollbacks;
+6. one panel per canary trial: both arms' cumulative thumbs-up rates over the trial's ratings, with 95%
+   intervals, where it was decided and how.
 """
 
 import math
@@ -21,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from rlhf_online.contract import POLICY, REWARD
 from rlhf_online.sim import stats
-from rlhf_online.sim.runlog import FAILED, OUTCOMES, PASSED, REJECTED, ROLLED_BACK, Round, RunData
+from rlhf_online.sim.runlog import FAILED, OUTCOMES, PASSED, PROMOTED, REJECTED, ROLLED_BACK, Round, RunData
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,20 @@ def _swap_lines(ax, data: RunData, t0: int) -> None:
             ax.text(x, 0.99, f" {to}", rotation=90, fontsize=7, va="top", ha="right", color="tab:green")
 
 
+def _trial_shades(ax, data: RunData, t0: int) -> None:
+    """A shaded band over each canary trial, from its start to its decision (or the last rating)."""
+    end = data.ratings[-1].timestamp_ms if data.ratings else t0
+    for i, span in enumerate(stats.trial_spans(data.models, data.trials)):
+        stop = span.ended_ms if span.ended_ms is not None else max(end, span.started_ms)
+        ax.axvspan(
+            _minutes(span.started_ms, t0),
+            _minutes(stop, t0),
+            color="tab:orange",
+            alpha=0.08,
+            label="canary trial" if i == 0 else None,
+        )
+
+
 def plot_up_rate_over_time(data: RunData, path: Path, options: PlotOptions = DEFAULT_OPTIONS) -> None:
     """Thumbs-up rate in time bins with 95% intervals; dotted lines where serving swapped versions."""
     fig, ax = plt.subplots(figsize=(11, 4))
@@ -165,6 +181,7 @@ def plot_up_rate_over_time(data: RunData, path: Path, options: PlotOptions = DEF
     _rate_line(ax, data, t0, bin_s)
     _judge_line(ax, data, t0, bin_s)
     _swap_lines(ax, data, t0)
+    _trial_shades(ax, data, t0)
     ax.set_ylim(0, 1.0)
     ax.set_xlabel("minutes since start")
     ax.set_ylabel("share of thumbs up")
@@ -250,7 +267,10 @@ def _timeline_events(ax, data: RunData, t0: int, row: dict[str, int], reward_row
     top = len(row) - 0.5  # a version serving never used sits above the others
     policy = [(_minutes(m.timestamp_ms, t0), row.get(m.version, top)) for m in stats.published(data, POLICY)]
     if policy:
-        ax.scatter(*_xy(policy), marker="^", s=60, color="tab:green", label="policy version published")
+        ax.scatter(*_xy(policy), marker="^", s=60, color="tab:green", label="policy version live for all")
+    canary = [(_minutes(m.timestamp_ms, t0), row.get(m.version, top)) for m in data.models if m.is_canary]
+    if canary:
+        ax.scatter(*_xy(canary), marker=">", s=50, color="tab:orange", label="canary trial started")
     rejected = [
         (_minutes(r.timestamp_ms, t0), row.get(r.start_version, top))
         for r in data.rounds
@@ -273,7 +293,7 @@ def _timeline_events(ax, data: RunData, t0: int, row: dict[str, int], reward_row
 def plot_timeline(data: RunData, path: Path, options: PlotOptions = DEFAULT_OPTIONS) -> None:
     """Which version served each answer, when versions were published, gate rejections, rollbacks."""
     fig, ax = plt.subplots(figsize=(11, 3.5))
-    ax.set_title("Timeline: served version, published versions, gate rejections, rollbacks")
+    ax.set_title("Timeline: served version, published versions, canaries, gate rejections, rollbacks")
     versions = [r.version for r in stats.version_rows(data) if r.first_served_ms is not None]
     if not versions:
         _empty(ax, "nothing served yet")
@@ -295,6 +315,82 @@ def plot_timeline(data: RunData, path: Path, options: PlotOptions = DEFAULT_OPTI
     return _save(fig, path)
 
 
+# ------------------------------------------------------------------------------------------- 6. canary trials
+
+MAX_TRIAL_PANELS = 12  # the canary plot shows the last this many trials
+ARM_COLOURS = {"canary": "tab:orange", "stable": "tab:blue"}
+_DECISION_COLOURS = {PROMOTED: "tab:green", ROLLED_BACK: "tab:red"}
+
+
+def cumulative_rates(ups: Sequence[bool]) -> tuple[list[float], list[float], list[float]]:
+    """(rate, Wilson low, Wilson high) after each of `ups`: the arm's cumulative thumbs-up rate so far."""
+    rates, lows, highs, k = [], [], [], 0
+    for n, up in enumerate(ups, start=1):
+        k += up
+        low, high = stats.wilson_interval(k, n)
+        rates.append(k / n)
+        lows.append(low)
+        highs.append(high)
+    return rates, lows, highs
+
+
+def _arm(ax, ratings: Sequence, version: str, arm: str) -> None:
+    """One arm's cumulative rate, at the trial's rating index of each of its ratings, with its band."""
+    x = [i for i, r in enumerate(ratings, start=1) if r.model_version == version]
+    if not x:
+        return
+    rates, lows, highs = cumulative_rates([r.up for r in ratings if r.model_version == version])
+    colour = ARM_COLOURS[arm]
+    ax.fill_between(x, lows, highs, step="post", color=colour, alpha=0.15)
+    ax.step(x, rates, where="post", color=colour, label=f"{arm} {version}: {rates[-1]:.1%} of {len(x)}")
+
+
+def _trial_panel(ax, data: RunData, span: stats.TrialSpan) -> None:
+    """Both arms of one trial over its ratings, where it was decided, and its outcome in the title."""
+    ratings = stats.trial_ratings(data, span)
+    share = f", {span.share:.0%} of users" if span.share else ""
+    d = span.decision
+    how = f"{span.outcome} ({d.code})" if d else span.outcome or "no decision yet"
+    ax.set_title(f"{span.canary}{share} vs {span.stable}: {how}", fontsize=9)
+    if not ratings:
+        _empty(ax, "no ratings of the trial")
+        return
+    _arm(ax, ratings, span.stable, "stable")
+    _arm(ax, ratings, span.canary, "canary")
+    if d is not None:
+        ax.axvline(
+            d.ratings or len(ratings),
+            color=_DECISION_COLOURS.get(span.outcome, "black"),
+            ls="--",
+            lw=1,
+            label=f"decided: {span.outcome}, difference in [{d.lower:+.3f}, {d.upper:+.3f}]",
+        )
+    ax.set_ylim(0, 1.0)
+    ax.set_xlabel("ratings of the trial, in time order")
+    ax.set_ylabel("cumulative thumbs-up rate")
+    ax.legend(loc="lower left", fontsize=7)
+
+
+def plot_canary_trials(data: RunData, path: Path, options: PlotOptions = DEFAULT_OPTIONS) -> None:
+    """One panel per canary trial (the last MAX_TRIAL_PANELS): both arms' cumulative thumbs-up rates over
+    the trial's ratings (its two versions, from its start to its decision) with pointwise 95% Wilson bands, a
+    dashed line where the trainer decided (after the ratings its decision counted), the outcome on top."""
+    spans = stats.trial_spans(data.models, data.trials)[-MAX_TRIAL_PANELS:]
+    columns = min(2, max(1, len(spans)))
+    rows = max(1, math.ceil(len(spans) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 3.6 * rows), squeeze=False)
+    if not spans:
+        axes[0][0].set_title("Canary trials")
+        _empty(axes[0][0], "no canary trials")
+        return _save(fig, path)
+    flat = [ax for row in axes for ax in row]
+    for ax, span in zip(flat, spans, strict=False):
+        _trial_panel(ax, data, span)
+    for ax in flat[len(spans) :]:
+        ax.set_axis_off()
+    return _save(fig, path)
+
+
 # (file name, caption, function) of every plot, in the order the page shows them.
 PLOTS = (
     ("up_rate_by_version.png", "Thumbs-up rate per model version", plot_up_rate_by_version),
@@ -302,6 +398,7 @@ PLOTS = (
     ("reward_accuracy.png", "Reward model: held-out accuracy", plot_reward_accuracy),
     ("ppo_rounds.png", "PPO rounds: reward and KL", plot_ppo_rounds),
     ("timeline.png", "Timeline of swaps", plot_timeline),
+    ("canary_trials.png", "Canary trials: both arms' thumbs-up rates", plot_canary_trials),
 )
 
 

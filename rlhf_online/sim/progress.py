@@ -3,9 +3,11 @@
 `Progress` holds the figures and renders them as lines; `Display` redraws those lines in place on a terminal
 (or prints them now and then elsewhere). The figures come from three places:
 
-- the simulated users' outcomes (answers served, ratings, thumbs-up rate per version);
-- the events on the models and rounds topics (`EventFollower`): reward checkpoints and their held-out
-  accuracy, policy versions published, every PPO round with its gate decision and reason;
+- the simulated users' outcomes (answers served, ratings, thumbs-up rate per version, and each arm's
+  ratings while a canary trial runs);
+- the events on the models, rounds and canary topics (`EventFollower`): reward checkpoints and their held-out
+  accuracy, policy versions live (published, or promoted canaries), every PPO round with its gate decision
+  and reason, canary trials started and decided;
 - current state from the services' metrics: the swaps serving has made, the ratings the trainer waits on.
 """
 
@@ -17,13 +19,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from rlhf_online.contract import POLICY, REWARD, RewardFigure
-from rlhf_online.sim.runlog import OUTCOMES, PASSED, REJECTED, ModelChange, Round
+from rlhf_online.contract import POLICY, REWARD, RewardFigure, now_ms
+from rlhf_online.sim import stats
+from rlhf_online.sim.runlog import OUTCOMES, PASSED, PROMOTED, REJECTED, ModelChange, Round, Trial
 from rlhf_online.sim.simulate import Outcome, Summary
 
 # Current-state metrics the display reads (counters are shown as they are, never differenced).
 INFERENCE_SWAPS = "rlhf_inference_swaps_total"
 TRAINER_NEW_RATINGS = "rlhf_trainer_new_ratings"
+MAX_KEPT_RATINGS = 100_000  # (time, version, up) of the latest ratings, for a canary trial's arms
 
 
 def _clock(seconds: float) -> str:
@@ -47,19 +51,29 @@ class Progress:
     serving: str = ""  # the version of the latest answer
     models: list[ModelChange] = field(default_factory=list)  # from the models topic, in order
     rounds: list[Round] = field(default_factory=list)  # from the rounds topic, in order
+    trials: list[Trial] = field(default_factory=list)  # canary decisions, from the canary topic, in order
+    rated: deque = field(default_factory=lambda: deque(maxlen=MAX_KEPT_RATINGS))  # (ms, version, up)
     swaps: int | None = None  # inference's swap counter; None: not scraped yet
     waiting_ratings: int | None = None  # new ratings the trainer has seen since its last round
 
-    def on_outcome(self, outcome: Outcome) -> None:
+    def on_outcome(self, outcome: Outcome, at_ms: int | None = None) -> None:
+        """One simulated request's outcome; a rating counts as given `at_ms` (default: now, just after
+        SubmitFeedback acknowledged it)."""
         self.summary.add(outcome)
         if outcome.model_version:
             self.serving = outcome.model_version
         if outcome.acknowledged:
             self.recent.append(outcome.rating == "up")
+            ms = now_ms() if at_ms is None else at_ms
+            self.rated.append((ms, outcome.model_version, outcome.rating == "up"))
 
-    def on_events(self, models: Sequence[ModelChange], rounds: Sequence[Round]) -> None:
-        """Everything the event follower has read so far."""
+    def on_events(
+        self, models: Sequence[ModelChange], rounds: Sequence[Round], trials: Sequence[Trial] | None = None
+    ) -> None:
+        """Everything the event follower has read so far; `trials` None leaves the decisions as they were."""
         self.models, self.rounds = list(models), list(rounds)
+        if trials is not None:
+            self.trials = list(trials)
 
     def on_metrics(self, inference: Mapping[str, float], trainer: Mapping[str, float]) -> None:
         """The services' current metrics; a service that did not answer ({}) leaves its figure as it was."""
@@ -70,10 +84,13 @@ class Progress:
 
     def lines(self) -> list[str]:
         out = self._header()
+        trial = stats.open_trial(stats.trial_spans(self.models, self.trials))
+        serving = trial.stable if trial else self.serving  # the latest answer may be the canary's
         for version, v in sorted(self.summary.versions.items())[-8:]:
-            mark = "  <- serving" if version == self.serving else ""
+            mark = "  <- canary" if trial and version == trial.canary else ""
+            mark = "  <- serving" if version == serving else mark
             out.append(f"  {version:<10}{v.served:>8}{v.rated:>8}{_pct(v.up_rate):>9}{mark}")
-        out += [self._reward_line(), *self._rounds_lines(), self._versions_line()]
+        out += [self._reward_line(), *self._rounds_lines(), *self._canary_lines(), self._versions_line()]
         return out
 
     def _header(self) -> list[str]:
@@ -118,9 +135,37 @@ class Progress:
             lines.append(f"  gate: {last.gate_reason}")
         return lines
 
+    def _arm(self, version: str, since_ms: int) -> str:
+        """`<n> ratings <rate>` of `version` since `since_ms`, from the users' acknowledged ratings."""
+        ups = [up for ms, v, up in self.rated if v == version and ms >= since_ms]
+        return f"{len(ups)} ratings {_pct(sum(ups) / len(ups) if ups else None)}"
+
+    def _canary_lines(self) -> list[str]:
+        """While a trial runs, each arm's ratings so far; after one, the last decision and its reason."""
+        spans = stats.trial_spans(self.models, self.trials)
+        if not spans:
+            return []
+        span = stats.open_trial(spans)
+        if span is not None:
+            share = f" ({span.share:.0%} of users)" if span.share else ""
+            canary, stable = self._arm(span.canary, span.started_ms), self._arm(span.stable, span.started_ms)
+            return [f"canary {span.canary}{share} vs {span.stable}: {canary} vs {stable}"]
+        last = spans[-1]
+        promoted = sum(s.outcome == PROMOTED for s in spans)
+        head = f"canary trials {len(spans)} (promoted {promoted}); last: {last.canary} {last.outcome}"
+        lines = [f"{head} against {last.stable}"]
+        if last.decision is not None:  # its reason has the figures
+            lines.append(f"  canary: {last.decision.reason}")
+        return lines
+
     def _versions_line(self) -> str:
         published = sum(m.is_published(POLICY) for m in self.models)
-        swaps = self.swaps if self.swaps is not None else max(len(self.summary.versions) - 1, 0)
+        if self.swaps is not None:
+            swaps = self.swaps
+        else:  # a version serving only a canary's share is no swap
+            spans = stats.trial_spans(self.models, self.trials)
+            not_live = {s.canary for s in spans if s.live_from_ms is None}
+            swaps = max(len(set(self.summary.versions) - not_live) - 1, 0)
         return f"policy versions published {published}   swaps in serving {swaps}"
 
 

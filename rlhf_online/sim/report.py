@@ -3,10 +3,12 @@
     rlhf-online report --topic-prefix rlhf --out-dir runs/mine
     rlhf-online report --topic-prefix demo-20250101-120000 --outcomes-path runs/x/outcomes.jsonl
 
-It reads the Kafka topics of one deployment (served answers, ratings, model versions, PPO rounds; see
+It reads the Kafka topics of one deployment (served answers, ratings, model versions, PPO rounds, canary
+decisions; see
 `rlhf_online.sim.runlog`) and, when given, the simulator's outcomes (the hidden judge's P(up) of every
 answer), then writes into the output folder `report.html` (`sim.page`), one PNG per plot (`sim.plots`) and
-`summary.json`: the verdict and closing figures (`sim.stats`) and one row per version.
+`summary.json`: the verdict and closing figures (`sim.stats`), one row per version and one per canary
+trial decided.
 """
 
 import json
@@ -28,8 +30,10 @@ log = logging.getLogger(__name__)
 PLOTS = plots.PLOTS  # (file name, caption, function) of each PNG the report writes
 
 
-def summary(result: stats.Verdict, rows: Sequence[stats.VersionRow]) -> dict:
-    """summary.json: the verdict's fields and one entry per version."""
+def summary(
+    result: stats.Verdict, rows: Sequence[stats.VersionRow], spans: Sequence[stats.TrialSpan] = ()
+) -> dict:
+    """summary.json: the verdict's fields, one entry per version and one per canary trial decided."""
     versions = [
         {
             "version": r.version,
@@ -41,7 +45,8 @@ def summary(result: stats.Verdict, rows: Sequence[stats.VersionRow]) -> dict:
         }
         for r in rows
     ]
-    return {**asdict(result), "versions": versions}
+    trials = [asdict(s.decision) for s in spans if s.decision is not None]
+    return {**asdict(result), "versions": versions, "trials": trials}
 
 
 def write_report(
@@ -59,8 +64,10 @@ def write_report(
     data = data.dedup()
     plots.draw_all(data, out, plots.PlotOptions(time_bin_s=time_bin_s))
     result, rows = stats.verdict(data, min_ratings), stats.version_rows(data)
-    (out / "summary.json").write_text(json.dumps(summary(result, rows), indent=2) + "\n", encoding="utf-8")
-    html = page.page(title, result, rows, data.rounds, min_ratings, notes)
+    spans = stats.trial_spans(data.models, data.trials)
+    text = json.dumps(summary(result, rows, spans), indent=2) + "\n"
+    (out / "summary.json").write_text(text, encoding="utf-8")
+    html = page.page(title, result, rows, data.rounds, min_ratings, notes, spans)
     (out / "report.html").write_text(html, encoding="utf-8")
     return out / "report.html"
 

@@ -4,12 +4,17 @@ Every figure the demo and the report show comes from typed records built here, a
 protobuf messages on the wire (events_pb2):
 
 - `Served` from each Interaction (rlhf.interactions), `Rated` from each FeedbackEvent (rlhf.feedback);
-- `ModelChange` from each ModelEvent (rlhf.models): policy and reward versions published, rollbacks;
+- `ModelChange` from each ModelEvent (rlhf.models): policy and reward versions published, rollbacks, canary
+  trials started (CANARY) and canaries promoted (PROMOTED);
 - `Round` from each RoundEvent (rlhf.rounds): every PPO round, passed, rejected, failed or abandoned;
+- `Trial` from each CanaryDecision (rlhf.canary): how a canary trial ended, with its figures;
 - `Judged` from the simulator's outcomes file: the hidden judge's P(up) of each answer.
 
-Figures inside `metrics` maps are read by their contract names (`RewardFigure`, `RoundFigure`), never by
-aliases.
+Figures inside `metrics` maps are read by their contract names (`RewardFigure`, `RoundFigure`,
+`CANARY_SHARE`), never by aliases.
+
+A version goes live for all traffic when it is PUBLISHED or, after a canary trial, PROMOTED
+(`ModelChange.is_published`); a CANARY serves only a share of the users while its trial runs.
 """
 
 import json
@@ -20,13 +25,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rlhf_online.broker.clients import read_topic
-from rlhf_online.contract import RoundFigure, kind_name
+from rlhf_online.contract import CANARY_SHARE, RoundFigure, kind_name
 from rlhf_online.proto.rlhf.v1 import chat_pb2, events_pb2
 from rlhf_online.topics import Topics
 
 log = logging.getLogger(__name__)
 
-PUBLISHED, ROLLED_BACK = "published", "rolled_back"  # ModelChange.action
+# ModelChange.action (events_pb2.ModelAction's names); PROMOTED and ROLLED_BACK are also Trial.outcome.
+PUBLISHED, ROLLED_BACK, CANARY, PROMOTED = "published", "rolled_back", "canary", "promoted"
+LIVE_ACTIONS = (PUBLISHED, PROMOTED)  # the version now serves all traffic
 PASSED, REJECTED, FAILED, ABANDONED = "passed", "rejected", "failed", "abandoned"  # Round.outcome
 OUTCOMES = (PASSED, REJECTED, FAILED, ABANDONED)
 
@@ -62,7 +69,7 @@ class ModelChange:
     """One version change (from a ModelEvent)."""
 
     kind: str  # POLICY | REWARD
-    action: str  # PUBLISHED | ROLLED_BACK
+    action: str  # PUBLISHED | ROLLED_BACK | CANARY | PROMOTED
     version: str
     parent_version: str
     timestamp_ms: int
@@ -72,7 +79,18 @@ class ModelChange:
         return _figure(self.metrics, name)
 
     def is_published(self, kind: str) -> bool:
-        return self.kind == kind and self.action == PUBLISHED
+        """A version of `kind` that went live for all traffic: PUBLISHED, or a canary PROMOTED."""
+        return self.kind == kind and self.action in LIVE_ACTIONS
+
+    @property
+    def is_canary(self) -> bool:
+        """A policy version that starts a canary trial (serving `share` of the users beside its parent)."""
+        return self.action == CANARY
+
+    @property
+    def share(self) -> float | None:
+        """The canary's share of traffic (CANARY events only)."""
+        return self.figure(CANARY_SHARE)
 
 
 @dataclass(frozen=True)
@@ -104,6 +122,36 @@ class Round:
 
 
 @dataclass(frozen=True)
+class Trial:
+    """How one canary trial ended, with the trainer's figures (from a CanaryDecision)."""
+
+    stable_version: str
+    canary_version: str
+    outcome: str  # PROMOTED | ROLLED_BACK ("unknown" for a value this build does not know)
+    code: str  # "non_inferior", "inferior", "timed_out_ratings", "timed_out_seconds"
+    reason: str
+    started_ms: int
+    timestamp_ms: int  # when it was decided
+    canary_ratings: int = 0
+    canary_ups: int = 0
+    stable_ratings: int = 0
+    stable_ups: int = 0
+    canary_rate: float = 0.0
+    stable_rate: float = 0.0
+    difference: float = 0.0  # canary_rate - stable_rate
+    lower: float = 0.0  # the always-valid (1 - alpha) confidence sequence on p_canary - p_stable
+    upper: float = 0.0
+    alpha: float = 0.0
+    margin: float = 0.0  # non-inferiority margin, thumbs-up rate
+    canary_share: float = 0.0
+
+    @property
+    def ratings(self) -> int:
+        """Ratings of both arms the decision rests on."""
+        return self.canary_ratings + self.stable_ratings
+
+
+@dataclass(frozen=True)
 class Judged:
     """The hidden judge's P(up) for one served answer (from the simulator's outcomes)."""
 
@@ -121,6 +169,7 @@ class RunData:
     models: list[ModelChange] = field(default_factory=list)
     rounds: list[Round] = field(default_factory=list)
     judged: list[Judged] = field(default_factory=list)
+    trials: list[Trial] = field(default_factory=list)
 
     def dedup(self) -> "RunData":
         """Drops replayed ratings (same event_id) and sorts everything by time (stable: topic order kept)."""
@@ -135,13 +184,14 @@ class RunData:
             models=sorted(self.models, key=lambda m: m.timestamp_ms),
             rounds=sorted(self.rounds, key=lambda r: r.timestamp_ms),
             judged=sorted(self.judged, key=lambda j: j.timestamp_ms),
+            trials=sorted(self.trials, key=lambda t: t.timestamp_ms),
         )
 
     def t0(self) -> int:
         """The earliest time of any record (0 when there is none): the origin of the time axes."""
         times = [s.timestamp_ms for s in self.served] + [r.timestamp_ms for r in self.ratings]
         times += [m.timestamp_ms for m in self.models] + [j.timestamp_ms for j in self.judged]
-        times += [r.timestamp_ms for r in self.rounds]
+        times += [r.timestamp_ms for r in self.rounds] + [t.started_ms for t in self.trials]
         return min(times, default=0)
 
 
@@ -179,6 +229,32 @@ def model_change(message: events_pb2.ModelEvent) -> ModelChange:
     )
 
 
+def trial(message: events_pb2.CanaryDecision) -> Trial:
+    """The decision; its outcome named as the ModelEvent that carries it out (PROMOTED, ROLLED_BACK)."""
+    outcome = _enum_name(events_pb2.CanaryOutcome, message.outcome).removeprefix("canary_")
+    return Trial(
+        stable_version=message.stable_version,
+        canary_version=message.canary_version,
+        outcome=outcome if outcome in (PROMOTED, ROLLED_BACK) else "unknown",
+        code=message.code,
+        reason=message.reason,
+        started_ms=message.started_ms,
+        timestamp_ms=message.timestamp_ms,
+        canary_ratings=message.canary_ratings,
+        canary_ups=message.canary_ups,
+        stable_ratings=message.stable_ratings,
+        stable_ups=message.stable_ups,
+        canary_rate=message.canary_rate,
+        stable_rate=message.stable_rate,
+        difference=message.difference,
+        lower=message.lower,
+        upper=message.upper,
+        alpha=message.alpha,
+        margin=message.margin,
+        canary_share=message.canary_share,
+    )
+
+
 def round_record(message: events_pb2.RoundEvent) -> Round:
     return Round(
         round=message.round,
@@ -196,15 +272,20 @@ def round_record(message: events_pb2.RoundEvent) -> Round:
 
 
 def from_protos(
-    interactions: Iterable = (), feedback: Iterable = (), model_events: Iterable = (), rounds: Iterable = ()
+    interactions: Iterable = (),
+    feedback: Iterable = (),
+    model_events: Iterable = (),
+    rounds: Iterable = (),
+    decisions: Iterable = (),
 ) -> RunData:
-    """The one boundary from protobuf messages (events_pb2) to records."""
+    """The one boundary from protobuf messages (events_pb2) to records; `decisions` are CanaryDecisions."""
     ratings = [r for r in (rated(f) for f in feedback) if r is not None]
     return RunData(
         served=[served(i) for i in interactions],
         ratings=ratings,
         models=[model_change(m) for m in model_events],
         rounds=[round_record(r) for r in rounds],
+        trials=[trial(d) for d in decisions],
     )
 
 
@@ -216,7 +297,9 @@ TOPIC_MESSAGES = (
     ("feedback", events_pb2.FeedbackEvent),
     ("models", events_pb2.ModelEvent),
     ("rounds", events_pb2.RoundEvent),
+    ("canary", events_pb2.CanaryDecision),
 )
+OPTIONAL_TOPICS = ("canary",)  # a deployment from before canary trials has no such topic
 
 
 def parse_records(records: Iterable, message_type, *, topic: str = "", since_ms: int = 0) -> list:
@@ -234,13 +317,24 @@ def parse_records(records: Iterable, message_type, *, topic: str = "", since_ms:
 
 
 def load_from_kafka(bootstrap: str, topics: Topics, *, since_ms: int = 0, timeout_s: float = 60.0) -> RunData:
-    """Reads the four topics of a run from the beginning (no consumer group) into records."""
+    """Reads the five topics of a run from the beginning (no consumer group) into records.
+
+    Raises:
+        TimeoutError: the broker did not answer, or a topic other than OPTIONAL_TOPICS does not exist.
+    """
     messages = {}
     for attr, message_type in TOPIC_MESSAGES:
         topic = getattr(topics, attr)
-        records = read_topic(bootstrap, topic, timeout_s=timeout_s)
+        try:
+            records = read_topic(bootstrap, topic, timeout_s=timeout_s)
+        except TimeoutError as e:
+            if attr not in OPTIONAL_TOPICS:
+                raise
+            log.warning("reporting without %s: %s", topic, e)
+            records = []
         messages[attr] = parse_records(records, message_type, topic=topic, since_ms=since_ms)
-    return from_protos(messages["interactions"], messages["feedback"], messages["models"], messages["rounds"])
+    m = messages
+    return from_protos(m["interactions"], m["feedback"], m["models"], m["rounds"], m["canary"])
 
 
 def load_outcomes(path: str | Path) -> list[Judged]:

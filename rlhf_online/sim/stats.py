@@ -1,13 +1,29 @@
-"""The report's figures: thumbs-up rates with intervals, per-version rows, swaps, rounds and the verdict.
+"""The report's figures: thumbs-up rates with intervals, per-version rows, swaps, rounds, canary trials and
+the verdict.
 
 Pure functions of a `RunData` (rlhf_online.sim.runlog); nothing here reads Kafka or draws.
+
+A canary serves a share of the users beside the stable version while its trial runs, so its answers are not
+a swap in serving: serving swaps to it when it is promoted, and never when it is rolled back
+(`not_live_answer`).
 """
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
-from rlhf_online.contract import REWARD, RewardFigure
-from rlhf_online.sim.runlog import PASSED, REJECTED, ModelChange, RunData
+from rlhf_online.contract import POLICY, REWARD, RewardFigure
+from rlhf_online.sim.runlog import (
+    PASSED,
+    PROMOTED,
+    REJECTED,
+    ROLLED_BACK,
+    ModelChange,
+    Rated,
+    RunData,
+    Served,
+    Trial,
+)
 
 MIN_RATINGS = 50  # a version needs this many ratings to count in the verdict
 Z_LEARNING = 2.0  # |z| above this is a change (two-sided, about 95%)
@@ -81,10 +97,89 @@ def version_rows(data: RunData) -> list[VersionRow]:
     return sorted(rows.values(), key=lambda r: (r.first_served_ms is None, r.first_served_ms or 0, r.version))
 
 
+@dataclass(frozen=True)
+class TrialSpan:
+    """One canary trial, from its start (its decision's, else its CANARY event's time) to its end."""
+
+    canary: str
+    stable: str
+    started_ms: int
+    share: float | None  # of the users, (0, 1); None when unknown
+    ended_ms: int | None = None  # the decision or the policy event that ended it; None: still open
+    outcome: str = ""  # PROMOTED | ROLLED_BACK; "" while open
+    decision: Trial | None = None  # the trainer's CanaryDecision, when there was one
+
+    @property
+    def live_from_ms(self) -> int | None:
+        """When the canary went live for all traffic: its promotion; None if it never did (yet)."""
+        return self.ended_ms if self.outcome == PROMOTED else None
+
+
+def _end_span(span: TrialSpan, event: ModelChange) -> TrialSpan:
+    """`span` ended by a policy event: PROMOTED of its canary, or anything else (a rollback, a publish)."""
+    promoted = event.action == PROMOTED and event.version == span.canary
+    return replace(span, ended_ms=event.timestamp_ms, outcome=PROMOTED if promoted else ROLLED_BACK)
+
+
+def trial_spans(models: Sequence[ModelChange], trials: Sequence[Trial] = ()) -> list[TrialSpan]:
+    """Every canary trial in start order: the policy events say when each started and ended, the
+    CanaryDecisions (`trials`) how it was decided; a decision without its CANARY event (read from a later
+    `since_ms`) makes a span of its own."""
+    spans: dict[str, TrialSpan] = {}  # by canary version: a version is on trial once
+    open_canary = None
+    for m in sorted((m for m in models if m.kind == POLICY), key=lambda m: m.timestamp_ms):
+        if open_canary is not None:  # any policy event ends the trial before it
+            spans[open_canary] = _end_span(spans[open_canary], m)
+            open_canary = None
+        if m.is_canary:
+            spans[m.version] = TrialSpan(m.version, m.parent_version, m.timestamp_ms, m.share)
+            open_canary = m.version
+    for t in trials:
+        span = spans.get(t.canary_version)
+        if span is None:
+            span = TrialSpan(t.canary_version, t.stable_version, t.started_ms, t.canary_share or None)
+        ended = t.timestamp_ms if span.ended_ms is None else min(span.ended_ms, t.timestamp_ms)
+        # The decision's start is the trial's own clock (its ratings count from then).
+        spans[t.canary_version] = replace(
+            span, started_ms=t.started_ms, ended_ms=ended, outcome=t.outcome, decision=t
+        )
+    return sorted(spans.values(), key=lambda s: s.started_ms)
+
+
+def open_trial(spans: Sequence[TrialSpan]) -> TrialSpan | None:
+    """The trial still running (the last one, if it has not ended), else None."""
+    return spans[-1] if spans and spans[-1].ended_ms is None else None
+
+
+def not_live_answer(spans: Sequence[TrialSpan]) -> Callable[[Served], bool]:
+    """A predicate on Served: an answer of a canary before it went live for all (its trial's share)."""
+    canaries = {s.canary: s.live_from_ms for s in spans}
+
+    def test(s: Served) -> bool:
+        if s.model_version not in canaries:
+            return False
+        live_from = canaries[s.model_version]
+        return live_from is None or s.timestamp_ms < live_from
+
+    return test
+
+
+def trial_ratings(data: RunData, span: TrialSpan) -> list[Rated]:
+    """The trial's ratings, in time order: of its two versions, from its start to its end (or to now)."""
+    end = span.ended_ms if span.ended_ms is not None else math.inf
+    versions = (span.canary, span.stable)
+    ratings = [r for r in data.ratings if r.model_version in versions and span.started_ms <= r.timestamp_ms]
+    return sorted((r for r in ratings if r.timestamp_ms <= end), key=lambda r: r.timestamp_ms)
+
+
 def swaps(data: RunData) -> list[tuple[int, str, str]]:
-    """(time, from, to) each time the served version changed, from the served answers in time order."""
+    """(time, from, to) each time the served version changed, from the served answers in time order; a
+    canary's answers during its trial are not a swap (serving swaps to it when it is promoted)."""
     out, current = [], None
+    on_trial = not_live_answer(trial_spans(data.models, data.trials))
     for s in data.served:
+        if on_trial(s):
+            continue
         if current is not None and s.model_version != current:
             out.append((s.timestamp_ms, current, s.model_version))
         current = s.model_version
@@ -92,7 +187,8 @@ def swaps(data: RunData) -> list[tuple[int, str, str]]:
 
 
 def published(data: RunData, kind: str) -> list[ModelChange]:
-    """The versions of `kind` (POLICY or REWARD) published, in time order."""
+    """The versions of `kind` (POLICY or REWARD) that went live for all traffic (published, or promoted
+    canaries), in time order."""
     return [m for m in data.models if m.is_published(kind)]
 
 
@@ -132,6 +228,9 @@ class Verdict:
     rounds_published: int = 0  # of which passed the gate (and were published)
     rounds_rejected: int = 0  # of which the gate refused
     swaps: int = 0
+    canary_trials: int = 0  # canary trials started (or decided), open ones included
+    canary_promoted: int = 0  # of which promoted
+    canary_rolled_back: int = 0  # of which rolled back
     wall_time_s: float = 0.0
     ratings: int = 0
     served: int = 0
@@ -140,6 +239,7 @@ class Verdict:
 def _counts(data: RunData) -> Verdict:
     """A Verdict with the counts filled in and no judgement yet."""
     times = [s.timestamp_ms for s in data.served] + [r.timestamp_ms for r in data.ratings]
+    spans = trial_spans(data.models, data.trials)
     return Verdict(
         learning=None,
         headline="",
@@ -147,6 +247,9 @@ def _counts(data: RunData) -> Verdict:
         rounds_published=sum(r.outcome == PASSED for r in data.rounds),
         rounds_rejected=sum(r.outcome == REJECTED for r in data.rounds),
         swaps=len(swaps(data)),
+        canary_trials=len(spans),
+        canary_promoted=sum(s.outcome == PROMOTED for s in spans),
+        canary_rolled_back=sum(s.outcome == ROLLED_BACK for s in spans),
         wall_time_s=(max(times) - min(times)) / 1000 if times else 0.0,
         ratings=len(data.ratings),
         served=len(data.served),
@@ -167,10 +270,17 @@ def judge(first: VersionRow, last: VersionRow) -> tuple[bool, float, str]:
     return False, z, f"No clear change in the thumbs-up rate: {change}; z = {z:.1f}."
 
 
+def not_live_versions(data: RunData) -> set[str]:
+    """Canaries that never served all traffic: rolled back, or still on trial."""
+    return {s.canary for s in trial_spans(data.models, data.trials) if s.live_from_ms is None}
+
+
 def verdict(data: RunData, min_ratings: int = MIN_RATINGS) -> Verdict:
-    """Compares the first and the last version with at least `min_ratings` ratings."""
+    """Compares the first and the last version with at least `min_ratings` ratings, of those that served all
+    traffic (a rolled-back canary is not where the loop got to)."""
     rows = version_rows(data)
-    rated = [r for r in rows if r.rated >= min_ratings]
+    not_live = not_live_versions(data)
+    rated = [r for r in rows if r.rated >= min_ratings and r.version not in not_live]
     v = _counts(data)
     if rated:
         v.first = rated[0].brief()
