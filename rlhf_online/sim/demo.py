@@ -304,7 +304,7 @@ class Demo:
     async def _poll(self) -> None:
         """The events read so far, and the services' current-state metrics."""
         if self.follower is not None:
-            self.progress.on_events(*self.follower.snapshot())
+            self.progress.on_events(*self.follower.snapshot(), self.follower.trials())
         inference, trainer = await asyncio.gather(
             asyncio.to_thread(scrape, self.services.inference.metrics_port),
             asyncio.to_thread(scrape, self.services.trainer.metrics_port),
