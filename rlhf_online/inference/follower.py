@@ -80,6 +80,7 @@ class ModelFollower:
                 return self._start_canary(event)
             if event.action == events_pb2.PROMOTED and self.engine.promote_canary(event.version):
                 self._target = event.version
+                metrics.SWAPS.inc()  # the stable version changed, as in a swap
                 log.info("canary %s promoted; it serves all new requests", event.version)
                 return True
             if event.version == self._target:
