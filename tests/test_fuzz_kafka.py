@@ -24,6 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from rlhf_online.bootstrap import copy_model_files
 from rlhf_online.broker.clients import make_producer, read_topic
@@ -319,6 +320,7 @@ def test_the_trainer_skips_and_counts_bad_records_and_still_takes_the_good_ones(
 ):
     registry = Registry(tmp_path / "registry")
     trainer = create_trainer(trainer_config(kafka_bootstrap, topics, registry))
+    counted_before = {t: bad_counted(t) for t in (topics.interactions, topics.models)}
     trainer.start()
     try:
         assert trainer.reward_version is None
@@ -335,10 +337,16 @@ def test_the_trainer_skips_and_counts_bad_records_and_still_takes_the_good_ones(
         done = wait(lambda: trainer.reward_version == reward and trainer.bad_records >= verdicts["bad"], 60)
         assert done, (trainer.reward_version, trainer.bad_records, verdicts)
         assert trainer.bad_records == verdicts["bad"]
+        counted = sum(bad_counted(t) - n for t, n in counted_before.items())
+        assert counted == verdicts["bad"]  # for Prometheus too, by topic
         assert trainer.prompts_in_pool == verdicts["prompt"] and trainer.new_ratings == 7
         assert health(trainer.grpc_port) == health_pb2.HealthCheckResponse.SERVING
     finally:
         trainer.stop()
+
+
+def bad_counted(topic: str) -> float:
+    return REGISTRY.get_sample_value("rlhf_trainer_bad_records_total", {"topic": topic}) or 0.0
 
 
 def wait(predicate, timeout_s: float) -> bool:
@@ -397,6 +405,7 @@ async def test_the_follower_skips_and_counts_bad_records_and_still_swaps_to_the_
         verdicts = Counter(follower_verdict(v, "v000001", new) for _, v in batch)
         assert verdicts["new"] == 1
         refused_before = inference_metrics.SWAP_FAILURES._value.get()
+        bad_before = inference_metrics.FOLLOWER_BAD_RECORDS._value.get()
         producer = make_producer(kafka_bootstrap, client_id="test-fuzz-follower")
         send_all(producer, [(topics.models, k, v) for k, v in batch])
         producer.close()
@@ -405,6 +414,7 @@ async def test_the_follower_skips_and_counts_bad_records_and_still_swaps_to_the_
             lambda: running.engine.version == new and follower.bad_records >= verdicts["bad"], 60
         )
         assert follower.bad_records == verdicts["bad"]
+        assert inference_metrics.FOLLOWER_BAD_RECORDS._value.get() - bad_before == verdicts["bad"]
         assert inference_metrics.SWAP_FAILURES._value.get() - refused_before == verdicts["refused"]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             reply = await chat_pb2_grpc.ChatServiceStub(channel).Chat(

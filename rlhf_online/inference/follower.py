@@ -154,6 +154,7 @@ class ModelFollower:
 
     def _skip(self, problem: str) -> None:
         self.bad_records += 1
+        metrics.FOLLOWER_BAD_RECORDS.inc()
         log.error("skipping a record on %s: %s", self.topic, problem)
 
     def _partitions(self, timeout_s: float) -> list[TopicPartition]:

@@ -25,6 +25,9 @@ PUBLISH_DROPPED = Counter(
     ["topic"],
 )
 OUTBOX = Gauge("rlhf_inference_outbox_events", "Interaction events waiting to be acknowledged by the broker.")
+FOLLOWER_BAD_RECORDS = Counter(
+    "rlhf_inference_follower_bad_records_total", "Records on the models topic skipped as unusable."
+)
 SWAPS = Counter("rlhf_inference_swaps_total", "Policy versions swapped into serving.")
 SWAP_FAILURES = Counter(
     "rlhf_inference_swap_failures_total", "Policy versions refused (corrupt or unloadable)."

@@ -6,6 +6,11 @@ from rlhf_online.contract import RoundFigure
 
 ROUNDS = Counter("rlhf_trainer_rounds_total", "PPO rounds, by outcome.", ["outcome"])
 # outcome: published | rejected | failed | abandoned
+BAD_RECORDS = Counter(
+    "rlhf_trainer_bad_records_total",
+    "Kafka records skipped as unusable (garbled, unknown kind), by topic.",
+    ["topic"],
+)
 GATE_DECISIONS = Counter("rlhf_trainer_gate_decisions_total", "Eval gate verdicts, by result code.", ["code"])
 ROUND_DURATION = Histogram(
     "rlhf_trainer_round_duration_seconds",

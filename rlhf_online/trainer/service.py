@@ -136,6 +136,8 @@ class TrainerService:
         self.rounds_failed = 0
         self.rounds_abandoned = 0
         self.bad_records = 0  # Kafka records skipped as unusable
+        # Rounds cut prompts to their last max_prompt_tokens tokens; a token is rarely longer than 32 chars.
+        self._max_prompt_chars = 32 * config.max_prompt_tokens
         self.last_result: RoundResult | None = None
         self.last_published: str | None = None
         self.grpc_port: int | None = None
@@ -336,6 +338,7 @@ class TrainerService:
             problem = f"internal error: {type(e).__name__}: {e}"
         if problem:
             self.bad_records += 1
+            metrics.BAD_RECORDS.labels(tp.topic).inc()
             log.warning("skipping %s:%d@%d: %.300s", tp.topic, tp.partition, record.offset, problem)
 
     def _add_interaction(self, value: bytes | None) -> str | None:
@@ -343,8 +346,8 @@ class TrainerService:
         event, problem = _decode(events_pb2.Interaction, value)
         if event is None:
             return problem
-        if event.prompt:
-            self._pool.append(event.prompt)
+        if event.prompt:  # only its end is ever used: a huge prompt is not kept (nor tokenized) whole
+            self._pool.append(event.prompt[-self._max_prompt_chars :])
         elif event.messages:
             self._pool.append(tuple((m.role, m.content) for m in event.messages))
         else:
