@@ -54,7 +54,9 @@ def rate(score: float, scale: float) -> float:
     return (score / scale + 1) / 2
 
 
-def run_judge(model_dir: Path, name: str, judge_args: str, config: TrainerConfig, rounds: int, scale: float):
+def run_judge(
+    model_dir: Path, name: str, judge_args: str, config: TrainerConfig, rounds: int, scale: float, carry: bool
+):
     """Rounds of PPO (top_layers mode) on one judge.
 
     Yields (round, passed, serving rate, candidate rate, candidate KL, seconds) per round.
@@ -68,15 +70,18 @@ def run_judge(model_dir: Path, name: str, judge_args: str, config: TrainerConfig
     prompts = [render_prompt(tokenizer, [("user", p)]) for p in load_prompts()]
     train, heldout = split_prompts(prompts, config.heldout_fraction, config.eval_prompts)
     kl_ctl = make_kl_controller(config.kl_controller, config.kl_coef, config.kl_target, config.kl_horizon)
+    serving = copy.deepcopy(policy.lm).eval()  # what the gate compares against: the last published version
+    serving_state = copy.deepcopy(policy.state_dict())
     for number in range(1, rounds + 1):
-        saved = copy.deepcopy(policy.state_dict())
         t0 = time.perf_counter()
         result = run_round(
             policy, reference, tokenizer, reward_fn, train, heldout, config, kl_ctl,
-            seed=config.seed + number, name=f"{name}-{number}",
+            seed=config.seed + number, name=f"{name}-{number}", serving=serving,
         )  # fmt: skip
-        if not result.decision.passed:
-            policy.load_state_dict(saved)  # the service starts its next round from the serving version
+        if result.decision.passed:
+            serving, serving_state = copy.deepcopy(result.model).eval(), copy.deepcopy(policy.state_dict())
+        elif not (carry and result.decision.code == "no_improvement"):
+            policy.load_state_dict(serving_state)  # the next round starts from the serving version
         # The round exported (froze) the LM; the service loads the next round's policy afresh, so thaw it.
         freeze_all_but_top_layers(policy.lm, config.trainable_layers)
         cand = result.candidate_eval
@@ -101,6 +106,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--scale", type=float, default=2.0, help="oracle score of a sure thumbs up")
     parser.add_argument("--trainer-args", default="", help="serve-trainer flags (shell words)")
+    parser.add_argument(
+        "--carry", action="store_true", help="a round the gate rejects for no improvement is kept to train on"
+    )
     parser.add_argument("-v", action="store_true", help="log every round's figures")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -113,7 +121,11 @@ def main() -> None:
         print("| judge | start | after each round (serving rate; * = gate rejected) | last | KL | s/round |")
         print("|---|---|---|---|---|---|")
         for name in args.judges.split(","):
-            rows = list(run_judge(model_dir, name, TINY_SUITE.get(name, ""), config, args.rounds, args.scale))
+            rows = list(
+                run_judge(
+                    model_dir, name, TINY_SUITE.get(name, ""), config, args.rounds, args.scale, args.carry
+                )
+            )
             trail = " ".join(f"{r[3]:.2f}" if r[1] else f"{r[3]:.2f}*" for r in rows)
             last = next((r[3] for r in reversed(rows) if r[1]), rows[0][2])
             kl = next((r[4] for r in reversed(rows) if r[1]), 0.0)

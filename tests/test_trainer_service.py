@@ -20,7 +20,8 @@ from prometheus_client import REGISTRY
 
 from rlhf_online.bootstrap import copy_model_files, ensure_initial_policy
 from rlhf_online.config import parse_config
-from rlhf_online.contract import RewardFigure, round_event_key
+from rlhf_online.contract import RewardFigure, RoundFigure, round_event_key
+from rlhf_online.engine.tiny_model import TINY_LEARNING_RATE
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.registry import Registry
 from rlhf_online.topics import Topics
@@ -302,3 +303,33 @@ def test_serve_trainer_exits_0_on_sigterm(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, rest
     assert "trainer stopped" in rest
     assert Registry(tmp_path / "registry").latest("policy") == "v000001"  # it bootstrapped the base model
+
+
+@pytest.mark.parametrize("keep_rejected", [True, False], ids=["kept", "dropped"])
+def test_a_candidate_the_gate_rejects_is_where_the_next_round_starts(registry_with_models, keep_rejected):
+    """Steps smaller than the gate's noise add up (--keep-rejected): the second round trains on from the
+    first's candidate, and its gate still compares with the serving version, not with that candidate."""
+    registry, prompt_file = registry_with_models
+    config = TrainerConfig(
+        kafka_bootstrap="", registry_dir=str(registry.root), prompt_file=str(prompt_file), grpc_port=0,
+        min_new_ratings=0, round_interval_s=0.01, poll_interval_s=0.05, rollouts_per_round=16,
+        max_new_tokens=8, eval_prompts=2, learning_rate=TINY_LEARNING_RATE, gate_margin=1e6,
+        keep_rejected=keep_rejected, require_new_reward=False,
+    )  # fmt: skip
+    producer = MemoryProducer()
+    service = create_service(
+        config, reward_loader=lambda path, device: vowel_reward, publisher=Publisher(producer, TEST_TOPICS)
+    )
+    service.start()
+    try:
+        wait_for(lambda: service.rounds_run >= 2, 240, "two rounds")
+    finally:
+        service.stop()
+    first, second = producer.round_events(TEST_TOPICS)[:2]
+    assert [e.gate_code for e in (first, second)] == ["no_improvement"] * 2
+    assert registry.versions("policy") == ["v000001"]
+    serving = RoundFigure.GATE_SERVING_SCORE
+    assert second.metrics[serving] == first.metrics[serving]  # the same v000001, prompts and seed
+    # the second round's rollouts come from the policy it starts from: v000001 is the reference itself
+    rollout_kl = second.metrics[RoundFigure.KL_PER_RESPONSE]
+    assert (rollout_kl > 0.05) if keep_rejected else (rollout_kl == 0.0)

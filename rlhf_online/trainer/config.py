@@ -129,6 +129,16 @@ class TrainerConfig(ServiceConfig):
     gate_margin: float = field(
         default=0.0, metadata={"help": "Mean reward must beat the serving version's by at least this."}
     )
+    keep_rejected: bool = field(
+        default=False,
+        metadata={
+            "help": "A candidate the gate rejects for too small an improvement is where the next round "
+            "starts (still compared with the serving version, still bounded by --gate-max-kl), so steps "
+            "smaller than the gate's noise add up; off: every round starts from the serving version. Off by "
+            "default: on the tiny preset with a perfect reward (benchmarks/ppo_oracle.py --carry) it made no "
+            "clear difference."
+        },
+    )
     gate_max_kl: float = field(
         default=20.0,
         metadata={

@@ -132,6 +132,27 @@ def build_policy(
 ) -> PolicyWithValueHead:
     """Loads a policy version for training: top layers or LoRA trainable, plus its value head."""
     lm = load_causal_lm(folder, device)
+    head = load_value_head(folder, lm.config.hidden_size).to(device)
+    policy = trainable_policy(
+        lm, head, train_mode=train_mode, trainable_layers=trainable_layers, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
+    )  # fmt: skip
+    log.info("policy from %s: %s", folder, describe(policy, train_mode))
+    return policy
+
+
+def trainable_policy(
+    lm: PreTrainedModel,
+    head: nn.Linear,
+    *,
+    train_mode: str,
+    trainable_layers: int,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    lora_target_modules: list[str] | None = None,
+) -> PolicyWithValueHead:
+    """A plain causal LM (loaded, or a candidate an earlier round exported) made ready to train."""
     if train_mode == "top_layers":
         freeze_all_but_top_layers(lm, trainable_layers)
     elif train_mode == "lora":
@@ -139,12 +160,14 @@ def build_policy(
         lm = add_lora(lm, lora_r, lora_alpha, lora_dropout, targets)
     else:
         raise ValueError(f"unknown train_mode {train_mode!r}; use 'top_layers' or 'lora'")
-    head = load_value_head(folder, lm.config.hidden_size).to(device)
-    policy = PolicyWithValueHead(lm, head)
+    head.requires_grad_(True)
+    return PolicyWithValueHead(lm, head)
+
+
+def describe(policy: PolicyWithValueHead, train_mode: str) -> str:
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in policy.parameters())
-    log.info("policy from %s: %s, %d of %d parameters trainable", folder, train_mode, n_train, n_all)
-    return policy
+    return f"{train_mode}, {n_train} of {n_all} parameters trainable"
 
 
 def export_model(policy: PolicyWithValueHead) -> PreTrainedModel:

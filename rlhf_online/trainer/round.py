@@ -153,8 +153,12 @@ def run_round(
     seed: int,
     should_stop: Callable[[], bool] = lambda: False,
     name: str = "round",
+    serving: nn.Module | None = None,
 ) -> RoundResult:
     """Runs one round on `policy` (trained in place) and returns the merged candidate and the gate's verdict.
+
+    `serving` is the version the gate compares against, when the round does not start from it (it starts
+    from a candidate an earlier round trained and the gate did not publish); by default `policy` itself.
 
     Raises:
         RoundAbandoned: `should_stop()` turned true; the caller must not publish anything.
@@ -163,7 +167,7 @@ def run_round(
     if not eval_prompts:
         raise ValueError("no held-out prompts for the eval gate")
     setup = RoundSetup(policy, reference, tokenizer, reward_fn, eval_prompts, config, name, should_stop)
-    serving_eval = evaluate_serving(setup)  # 1.
+    serving_eval = evaluate_serving(setup, policy.lm if serving is None else serving)  # 1.
     setup.check_stop("rollouts")
     exp = collect_experience(setup, train_prompts, kl_ctl.value, seed)  # 2.
     setup.check_stop("PPO updates")
@@ -179,10 +183,10 @@ def run_round(
     return RoundResult(model, head, decision, serving_eval, candidate_eval, stats)
 
 
-def evaluate_serving(setup: RoundSetup) -> EvalResult:
+def evaluate_serving(setup: RoundSetup, serving: nn.Module) -> EvalResult:
     """Step 1: the version serving now, scored on the held-out prompts before any update."""
     with setup.timer.stage("eval_serving_s"):
-        serving_eval = setup.evaluate(setup.policy.lm)
+        serving_eval = setup.evaluate(serving)
     log.info(
         "%s: serving policy scores %.4f on %d held-out answers (%.1fs)",
         setup.name, serving_eval.mean_score, serving_eval.n, setup.timer.s["eval_serving_s"],

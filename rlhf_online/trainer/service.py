@@ -37,7 +37,7 @@ import torch
 from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_online.broker.clients import (
     make_consumer,
@@ -58,7 +58,7 @@ from rlhf_online.trainer.canary import CanaryRunner
 from rlhf_online.trainer.config import TrainerConfig
 from rlhf_online.trainer.gate import RewardFn
 from rlhf_online.trainer.kl import make_kl_controller
-from rlhf_online.trainer.policy import PolicyWithValueHead, build_policy, load_reference
+from rlhf_online.trainer.policy import PolicyWithValueHead, build_policy, load_reference, trainable_policy
 from rlhf_online.trainer.publish import (
     Publisher,
     RoundRecord,
@@ -102,6 +102,16 @@ class RewardCheckpoint:
     ratings_applied: int
 
 
+@dataclass
+class Carried:
+    """A candidate the gate rejected for too small an improvement: the next round starts from it."""
+
+    start_version: str  # the serving version it descends from (and is compared with)
+    model: PreTrainedModel  # exported: LoRA merged, frozen
+    value_head: torch.nn.Linear
+    round: str  # the round that trained it, for the logs
+
+
 class TrainerService:
     """Runs PPO rounds when the triggers fire; counters are for tests and logs.
 
@@ -135,6 +145,7 @@ class TrainerService:
         self.gate_rejections = 0
         self.rounds_failed = 0
         self.rounds_abandoned = 0
+        self._carried: Carried | None = None  # see --keep-rejected
         self.bad_records = 0  # Kafka records skipped as unusable
         # Rounds cut prompts to their last max_prompt_tokens tokens; a token is rarely longer than 32 chars.
         self._max_prompt_chars = 32 * config.max_prompt_tokens
@@ -526,15 +537,27 @@ class TrainerService:
             record.name, reason, record.start_version, record.reward_version, record.ratings_applied,
             record.reference_version, len(train), len(set(train)), len(heldout),
         )  # fmt: skip
+        serving = self._serving_for_gate(record)
+        self._carried = None
         result = run_round(
             policy, reference, tokenizer, reward_fn, train, heldout, self.config, self.kl_ctl,
             seed=self.config.seed + record.number, should_stop=self._stop.is_set, name=record.name,
+            serving=serving,
         )  # fmt: skip
         self._check_still_serving(record.start_version)
         self._record_verdict(record, result)
         if result.decision.passed:
             self._publish(record, result, tokenizer)
+        elif self.config.keep_rejected and result.decision.code == "no_improvement":
+            self._carried = Carried(record.start_version, result.model, policy.value_head, record.name)
         return result
+
+    def _serving_for_gate(self, record: RoundRecord) -> torch.nn.Module | None:
+        """The serving version for the gate when the round starts from a carried candidate (else None:
+        the round's own starting policy is the serving version)."""
+        if self._carried is None:
+            return None
+        return load_reference(self.registry.verify(POLICY, record.start_version), self.device)
 
     def _prompts(self, policy_version: str) -> tuple[PreTrainedTokenizerBase, list[str], list[str]]:
         """The policy's tokenizer and the (train, held-out) prompts rendered with it.
@@ -553,15 +576,32 @@ class TrainerService:
         return tokenizer, train, heldout
 
     def _load_models(self, record: RoundRecord) -> tuple[PolicyWithValueHead, torch.nn.Module, RewardFn]:
-        """The policy to train (from verified files), the reference and the reward function."""
+        """The policy to train (from verified files, or the candidate the last round's gate rejected), the
+        reference and the reward function."""
         policy_dir = self.registry.verify(POLICY, record.start_version)
         record.reference_version, reference = self._reference_for(record.start_version)
         reward_fn = self.reward_loader(self.registry.verify(REWARD, record.reward_version), self.device)
         c = self.config
-        policy = build_policy(
-            policy_dir, train_mode=c.train_mode, trainable_layers=c.trainable_layers, lora_r=c.lora_r,
-            lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, lora_target_modules=c.lora_targets,
-            device=self.device,
+        lora = dict(lora_r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                    lora_target_modules=c.lora_targets)  # fmt: skip
+        carried = self._carried
+        if carried is not None and carried.start_version != record.start_version:
+            log.info(
+                "%s: serving moved to %s; dropping %s's candidate",
+                record.name,
+                record.start_version,
+                carried.round,
+            )
+            self._carried = carried = None
+        if carried is None:
+            return build_policy(policy_dir, train_mode=c.train_mode, trainable_layers=c.trainable_layers,
+                                device=self.device, **lora), reference, reward_fn  # fmt: skip
+        log.info(
+            "%s: continuing from %s's candidate, which the gate did not publish", record.name, carried.round
+        )
+        policy = trainable_policy(
+            carried.model, carried.value_head, train_mode=c.train_mode, trainable_layers=c.trainable_layers,
+            **lora,
         )  # fmt: skip
         return policy, reference, reward_fn
 
