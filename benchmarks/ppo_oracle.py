@@ -17,6 +17,7 @@ the waiting for ratings, so `--rounds 10` is about what an 8-minute tiny demo ge
 
 import argparse
 import copy
+import itertools
 import logging
 import shlex
 import sys
@@ -32,6 +33,8 @@ from rlhf_online.engine.tiny_model import TINY_LEARNING_RATE, is_tiny_preset, wr
 from rlhf_online.sim.judges import load_judge, thumbs_up_probability
 from rlhf_online.sim.preferences import TINY_SUITE
 from rlhf_online.sim.simulate import load_prompts
+from rlhf_online.trainer import ppo
+from rlhf_online.trainer import round as round_module
 from rlhf_online.trainer.config import TrainerConfig
 from rlhf_online.trainer.kl import make_kl_controller
 from rlhf_online.trainer.policy import build_policy, freeze_all_but_top_layers, load_reference
@@ -49,13 +52,49 @@ def oracle_reward(judge, scale: float):
     return reward_fn
 
 
+class DenseOracle:
+    """Potential-based reward shaping (Ng et al. 1999) with the judge as the potential: token t earns
+    scale * (2 P(up | answer[:t+1]) - 2 P(up | answer[:t])), so the credit lands on the token that changed
+    the verdict; the per-token rewards of an answer add up to its score (minus the empty answer's). The
+    tiny preset only (one token, one character). Installed by patching the round's `compute_rewards`."""
+
+    def __init__(self, judge, scale: float) -> None:
+        self.judge, self.scale = judge, scale
+        self.dense: torch.Tensor | None = None  # (B, T) of the last scored rollouts
+
+    def reward_fn(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        rows = []
+        for prompt, text in zip(prompts, responses, strict=True):
+            phi = [2 * thumbs_up_probability(self.judge, prompt, text[:t]) - 1 for t in range(len(text) + 1)]
+            rows.append([self.scale * (b - a) for a, b in itertools.pairwise(phi)])
+        width = max((len(r) for r in rows), default=0) + 1
+        self.dense = torch.tensor([r + [0.0] * (width - len(r)) for r in rows])  # (B, width)
+        # the whole answer's score, for the gate; the rollouts' rewards take the dense part instead
+        ends = [thumbs_up_probability(self.judge, p, r) for p, r in zip(prompts, responses, strict=True)]
+        return self.scale * (2 * torch.tensor(ends) - 1)  # (B,)
+
+    def compute_rewards(self, scores, logprobs, ref_logprobs, mask, kl_coef, kl_kind="k1"):
+        zero = torch.zeros_like(scores)
+        rewards, kl = ppo.compute_rewards(zero, logprobs, ref_logprobs, mask, kl_coef, kl_kind)
+        t = min(rewards.shape[1], self.dense.shape[1])
+        rewards[:, :t] += self.dense[:, :t].to(rewards.dtype)
+        return rewards * mask, kl
+
+
 def rate(score: float, scale: float) -> float:
     """The judge rate behind a mean oracle score."""
     return (score / scale + 1) / 2
 
 
 def run_judge(
-    model_dir: Path, name: str, judge_args: str, config: TrainerConfig, rounds: int, scale: float, carry: bool
+    model_dir: Path,
+    name: str,
+    judge_args: str,
+    config: TrainerConfig,
+    rounds: int,
+    scale: float,
+    carry: bool,
+    dense: bool = False,
 ):
     """Rounds of PPO (top_layers mode) on one judge.
 
@@ -64,6 +103,10 @@ def run_judge(
     torch.manual_seed(config.seed)
     judge = load_judge(name, judge_args)
     reward_fn = oracle_reward(judge, scale)
+    if dense:
+        shaped = DenseOracle(judge, scale)
+        round_module.compute_rewards = shaped.compute_rewards  # the rollouts' rewards only
+        reward_fn = shaped.reward_fn
     reference = load_reference(model_dir)
     policy = build_policy(model_dir, train_mode=config.train_mode, trainable_layers=config.trainable_layers)
     tokenizer = _tokenizer(model_dir)
@@ -109,6 +152,7 @@ def main() -> None:
     parser.add_argument(
         "--carry", action="store_true", help="a round the gate rejects for no improvement is kept to train on"
     )
+    parser.add_argument("--dense", action="store_true", help="shaped per-token rewards (DenseOracle)")
     parser.add_argument("-v", action="store_true", help="log every round's figures")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -123,7 +167,14 @@ def main() -> None:
         for name in args.judges.split(","):
             rows = list(
                 run_judge(
-                    model_dir, name, TINY_SUITE.get(name, ""), config, args.rounds, args.scale, args.carry
+                    model_dir,
+                    name,
+                    TINY_SUITE.get(name, ""),
+                    config,
+                    args.rounds,
+                    args.scale,
+                    args.carry,
+                    args.dense,
                 )
             )
             trail = " ".join(f"{r[3]:.2f}" if r[1] else f"{r[3]:.2f}*" for r in rows)
