@@ -120,24 +120,14 @@ def load_value_head(folder: str | Path, hidden_size: int) -> nn.Linear:
 
 
 def build_policy(
-    folder: str | Path,
-    *,
-    train_mode: str,
-    trainable_layers: int,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.0,
-    lora_target_modules: list[str] | None = None,
-    device: str | torch.device = "cpu",
+    folder: str | Path, *, device: str | torch.device = "cpu", **training
 ) -> PolicyWithValueHead:
-    """Loads a policy version for training: top layers or LoRA trainable, plus its value head."""
+    """Loads a policy version for training, plus its value head; `training` is `trainable_policy`'s options
+    (train_mode, trainable_layers, lora_*)."""
     lm = load_causal_lm(folder, device)
     head = load_value_head(folder, lm.config.hidden_size).to(device)
-    policy = trainable_policy(
-        lm, head, train_mode=train_mode, trainable_layers=trainable_layers, lora_r=lora_r,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target_modules=lora_target_modules,
-    )  # fmt: skip
-    log.info("policy from %s: %s", folder, describe(policy, train_mode))
+    policy = trainable_policy(lm, head, **training)
+    log.info("policy from %s: %s", folder, describe(policy, training["train_mode"]))
     return policy
 
 
