@@ -6,6 +6,7 @@ The whole path (SIGKILL, restart, audit of the topics) is fault scenario 1 (test
 
 import pytest
 
+from rlhf_online.inference import metrics
 from rlhf_online.inference.events import Outbox, Record
 from rlhf_online.inference.journal import Journal, JournalError
 from tests.faults.test_interaction_gate import HeldProducer
@@ -102,3 +103,20 @@ def test_the_outbox_journals_before_put_returns_and_the_next_one_sends_the_rest(
     restarted.close(timeout_s=1)
     _, left = reopen(tmp_path)
     assert left == []
+
+
+def test_a_disk_that_refuses_the_journal_does_not_stop_the_answers(tmp_path):
+    journal = Journal(tmp_path)
+    producer = HeldProducer()
+    outbox = Outbox(producer, max_records=10, journal=journal)
+
+    def refuse(*_args):
+        raise OSError(28, "No space left on device")
+
+    journal.append = refuse
+    before = metrics.JOURNAL_FAILURES._value.get()
+    outbox.put(Record("interactions", b"r", b"v"))  # does not raise: kept in memory, counted
+    assert metrics.JOURNAL_FAILURES._value.get() == before + 1
+    assert producer.sent.wait(10)
+    producer.futures[0].success(None)
+    outbox.close(timeout_s=1)

@@ -153,6 +153,7 @@ class Outbox:
     def __init__(self, producer, max_records: int, journal: Journal | None = None) -> None:
         self._producer = producer
         self._journal = journal
+        self._journal_failures = 0
         self._max_records = max_records
         self._queue: deque[Record] = deque()
         self._in_flight = 0
@@ -181,9 +182,25 @@ class Outbox:
                 )
                 self._settle(dropped, PublishError("the outbox was full and dropped it"))
             if self._journal is not None:
-                record.seq = self._journal.append(record.topic, record.key, record.value)
+                record.seq = self._journaled(record)
             self._enqueue(record)
             self._cond.notify()
+
+    def _journaled(self, record: Record) -> int:
+        """Appends `record` to the journal; its seq, or 0 when the disk refuses (full, gone): the answer is
+        still served, its Interaction then waits in memory only, and that is counted and logged (every
+        100th time)."""
+        try:
+            return self._journal.append(record.topic, record.key, record.value)
+        except OSError as e:
+            self._journal_failures += 1
+            metrics.JOURNAL_FAILURES.inc()
+            if self._journal_failures % 100 == 1:
+                log.error(
+                    "outbox journal %s refused a record (%d so far), keeping it in memory only: %s",
+                    self._journal.directory, self._journal_failures, e,
+                )  # fmt: skip
+            return 0
 
     def _enqueue(self, record: Record) -> None:
         """Holds `self._cond` (or runs before the thread starts)."""

@@ -25,6 +25,10 @@ PUBLISH_DROPPED = Counter(
     ["topic"],
 )
 OUTBOX = Gauge("rlhf_inference_outbox_events", "Interaction events waiting to be acknowledged by the broker.")
+JOURNAL_FAILURES = Counter(
+    "rlhf_inference_outbox_journal_failures_total",
+    "Interactions the outbox journal could not write (disk full or gone); kept in memory only.",
+)
 FOLLOWER_BAD_RECORDS = Counter(
     "rlhf_inference_follower_bad_records_total", "Records on the models topic skipped as unusable."
 )
