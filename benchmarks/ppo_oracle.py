@@ -115,14 +115,17 @@ def run_judge(
     kl_ctl = make_kl_controller(config.kl_controller, config.kl_coef, config.kl_target, config.kl_horizon)
     serving = copy.deepcopy(policy.lm).eval()  # what the gate compares against: the last published version
     serving_state = copy.deepcopy(policy.state_dict())
+    answers = None  # the serving version's held-out answers, re-scored instead of sampled again
     for number in range(1, rounds + 1):
         t0 = time.perf_counter()
         result = run_round(
             policy, reference, tokenizer, reward_fn, train, heldout, config, kl_ctl,
-            seed=config.seed + number, name=f"{name}-{number}", serving=serving,
+            seed=config.seed + number, name=f"{name}-{number}", serving=serving, serving_answers=answers,
         )  # fmt: skip
+        answers = result.serving_eval
         if result.decision.passed:
             serving, serving_state = copy.deepcopy(result.model).eval(), copy.deepcopy(policy.state_dict())
+            answers = result.candidate_eval
         elif not (carry and result.decision.code == "no_improvement"):
             policy.load_state_dict(serving_state)  # the next round starts from the serving version
         # The round exported (froze) the LM; the service loads the next round's policy afresh, so thaw it.

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -35,6 +35,14 @@ class EvalResult:
     mean_response_tokens: float
     n: int  # responses scored
     generate_s: float = 0.0  # time spent sampling the answers
+    prompts: list[str] = field(default_factory=list, repr=False)  # (n,) the held-out prompt of each answer
+    responses: list[str] = field(default_factory=list, repr=False)  # (n,) the answers, kept to re-score
+
+    def rescored(self, reward_fn: RewardFn) -> "EvalResult":
+        """The same answers scored by `reward_fn`: a version's answers at the gate's fixed seed do not change
+        between rounds, only the reward model does, so the gate need not sample them again."""
+        scores = reward_fn(self.prompts, self.responses).float()  # (n,)
+        return replace(self, mean_score=scores.mean().item(), generate_s=0.0)
 
 
 @dataclass
@@ -103,6 +111,8 @@ def evaluate_policy(
         mean_response_tokens=rollouts.response_mask.sum(dim=1).mean().item(),
         n=len(rollouts),
         generate_s=generate_s,
+        prompts=list(rollouts.prompts),
+        responses=list(rollouts.responses),
     )
 
 

@@ -5,6 +5,7 @@ Serving loads plain Hugging Face checkpoints, so `export_model` merges LoRA adap
 (ignored by `from_pretrained`) so the next round's critic starts where this one stopped.
 """
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from rlhf_online.trainer.trunk import decoder_layers, top_blocks_only, trunk_split
 
 log = logging.getLogger(__name__)
 
@@ -21,30 +24,40 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 class PolicyWithValueHead(nn.Module):
     """`lm` (a causal LM, maybe wrapped by peft) plus a linear value head on its last hidden state."""
 
-    def __init__(self, lm: nn.Module, value_head: nn.Linear) -> None:
+    def __init__(self, lm: nn.Module, value_head: nn.Linear, trunk_split: int = 0) -> None:
         super().__init__()
         self.lm = lm
         self.value_head = value_head
+        self.trunk_split = trunk_split  # frozen bottom blocks whose output can be kept (see trainer.trunk)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, n_last: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        n_last: int,
+        trunk: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and values at the last `n_last` positions.
 
         Args:
             input_ids, attention_mask, position_ids: (B, L).
             n_last: positions to keep, counted from the end.
+            trunk: (B, L, H) the frozen blocks' output for these inputs (`trainer.trunk`): only the blocks
+                above `trunk_split` run.
         Returns:
             logits: (B, n_last, V); values: (B, n_last).
         """
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            logits_to_keep=n_last,
-            use_cache=False,
-        )
+        inputs = {"input_ids": input_ids} if trunk is None else {"inputs_embeds": trunk}
+        with contextlib.nullcontext() if trunk is None else top_blocks_only(self.lm, self.trunk_split):
+            out = self.lm(
+                **inputs,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=True,
+                logits_to_keep=n_last,
+                use_cache=False,
+            )
         hidden = out.hidden_states[-1][:, -n_last:]  # (B, n_last, H), after the final norm
         values = self.value_head(hidden.float()).squeeze(-1)  # (B, n_last)
         return out.logits, values
@@ -61,17 +74,6 @@ def load_reference(path: str | Path, device: str | torch.device = "cpu") -> PreT
     model = load_causal_lm(path, device).eval()
     model.requires_grad_(False)
     return model
-
-
-def decoder_layers(lm: PreTrainedModel) -> nn.ModuleList:
-    """The stack of transformer blocks of a Llama/Mistral/Qwen-style (`model.layers`) or GPT-2-style model."""
-    for owner, name in (("model", "layers"), ("transformer", "h"), ("gpt_neox", "layers")):
-        base = getattr(lm, owner, None)
-        if base is not None and isinstance(getattr(base, name, None), nn.ModuleList):
-            return getattr(base, name)
-    raise ValueError(
-        f"cannot find the decoder layers of {type(lm).__name__}; use --train-mode lora for this architecture"
-    )
 
 
 def final_norm(lm: PreTrainedModel) -> nn.Module | None:
@@ -143,15 +145,17 @@ def trainable_policy(
     lora_target_modules: list[str] | None = None,
 ) -> PolicyWithValueHead:
     """A plain causal LM (loaded, or a candidate an earlier round exported) made ready to train."""
+    split = 0
     if train_mode == "top_layers":
         freeze_all_but_top_layers(lm, trainable_layers)
+        split = trunk_split(lm, trainable_layers)
     elif train_mode == "lora":
         targets = lora_target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
         lm = add_lora(lm, lora_r, lora_alpha, lora_dropout, targets)
     else:
         raise ValueError(f"unknown train_mode {train_mode!r}; use 'top_layers' or 'lora'")
     head.requires_grad_(True)
-    return PolicyWithValueHead(lm, head)
+    return PolicyWithValueHead(lm, head, split)
 
 
 def describe(policy: PolicyWithValueHead, train_mode: str) -> str:

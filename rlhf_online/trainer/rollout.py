@@ -207,14 +207,16 @@ def response_logprobs(lm: nn.Module, rollouts: Rollouts, temperature: float, bat
 
 
 def policy_outputs(
-    policy: nn.Module, rollouts: Rollouts, temperature: float
+    policy: nn.Module, rollouts: Rollouts, temperature: float, trunk: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs, values and entropies of the response tokens under a `PolicyWithValueHead`; each (B, T).
 
     Values are read at the state before each token (positions P-1 .. P+T-2), where the action is chosen.
+    `trunk` (B, P + T, H) is the frozen blocks' output for these rollouts (see `trainer.trunk`).
     """
     T = rollouts.response_ids.shape[1]
-    logits, values = policy(rollouts.input_ids, rollouts.attention_mask, rollouts.position_ids, T + 1)
+    ids, mask, pos = rollouts.input_ids, rollouts.attention_mask, rollouts.position_ids
+    logits, values = policy(ids, mask, pos, T + 1, trunk=trunk)
     logits = logits[:, :-1].float() / temperature  # (B, T, V)
     values = values[:, :-1]  # (B, T)
     logprobs = logprobs_from_logits(logits, rollouts.response_ids)  # (B, T)

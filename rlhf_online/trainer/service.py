@@ -56,7 +56,7 @@ from rlhf_online.topics import Topics
 from rlhf_online.trainer import metrics
 from rlhf_online.trainer.canary import CanaryRunner
 from rlhf_online.trainer.config import TrainerConfig
-from rlhf_online.trainer.gate import RewardFn
+from rlhf_online.trainer.gate import EvalResult, RewardFn
 from rlhf_online.trainer.kl import make_kl_controller
 from rlhf_online.trainer.policy import PolicyWithValueHead, build_policy, load_reference, trainable_policy
 from rlhf_online.trainer.publish import (
@@ -112,6 +112,28 @@ class Carried:
     round: str  # the round that trained it, for the logs
 
 
+class GateAnswers:
+    """The gate's held-out answers of the last few policy versions, so a round re-scores the serving
+    version's answers (with its own reward model) instead of sampling them again. An entry counts only for
+    the same held-out prompts; the config (seed, sampling) is the service's, fixed for its life."""
+
+    def __init__(self, keep: int = 3) -> None:
+        self.keep = keep
+        self._by_version: dict[str, tuple[tuple[str, ...], EvalResult]] = {}
+
+    def get(self, version: str, heldout: list[str]) -> EvalResult | None:
+        prompts, result = self._by_version.get(version, ((), None))
+        return result if prompts == tuple(heldout) else None
+
+    def put(self, version: str | None, heldout: list[str], result: EvalResult | None) -> None:
+        if version is None or result is None:
+            return
+        self._by_version.pop(version, None)
+        self._by_version[version] = (tuple(heldout), result)
+        while len(self._by_version) > self.keep:
+            del self._by_version[next(iter(self._by_version))]  # the oldest
+
+
 class TrainerService:
     """Runs PPO rounds when the triggers fire; counters are for tests and logs.
 
@@ -146,6 +168,7 @@ class TrainerService:
         self.rounds_failed = 0
         self.rounds_abandoned = 0
         self._carried: Carried | None = None  # see --keep-rejected
+        self._gate_answers = GateAnswers()
         self.bad_records = 0  # Kafka records skipped as unusable
         # Rounds cut prompts to their last max_prompt_tokens tokens; a token is rarely longer than 32 chars.
         self._max_prompt_chars = 32 * config.max_prompt_tokens
@@ -542,12 +565,14 @@ class TrainerService:
         result = run_round(
             policy, reference, tokenizer, reward_fn, train, heldout, self.config, self.kl_ctl,
             seed=self.config.seed + record.number, should_stop=self._stop.is_set, name=record.name,
-            serving=serving,
+            serving=serving, serving_answers=self._gate_answers.get(record.start_version, heldout),
         )  # fmt: skip
+        self._gate_answers.put(record.start_version, heldout, result.serving_eval)
         self._check_still_serving(record.start_version)
         self._record_verdict(record, result)
         if result.decision.passed:
             self._publish(record, result, tokenizer)
+            self._gate_answers.put(record.published_version, heldout, result.candidate_eval)
         elif self.config.keep_rejected and result.decision.code == "no_improvement":
             self._carried = Carried(record.start_version, result.model, policy.value_head, record.name)
         return result
