@@ -1,5 +1,5 @@
 """The report's HTML page: the verdict, the closing figures, per-version, per-round and per-canary-trial
-tables, the plots.
+tables, the first and the last version side by side (when compared), the plots.
 
 Plain HTML with the PNGs beside it (no scripts, no network), so the folder can be mailed or archived as is.
 Every value that came from the topics is escaped.
@@ -8,10 +8,14 @@ Every value that came from the topics is escaped.
 import html
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rlhf_online.sim.plots import PLOTS
 from rlhf_online.sim.runlog import Round
 from rlhf_online.sim.stats import TrialSpan, Verdict, VersionRow
+
+if TYPE_CHECKING:  # sim.compare imports torch and transformers; the report itself needs neither
+    from rlhf_online.sim.compare import Comparison, Fluency, Pair
 
 MAX_ROUND_ROWS = 50  # the rounds table shows the last this many
 _COLOURS = {True: "#d4f4dd", False: "#fde2e1", None: "#eeeeee"}  # by Verdict.learning
@@ -23,6 +27,7 @@ table { border-collapse: collapse; margin: 1em 0; }
 td, th { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
 td:first-child, th:first-child { text-align: left; }
 td.text { text-align: left; }
+td.answer { text-align: left; vertical-align: top; white-space: pre-wrap; }
 img { max-width: 100%; border: 1px solid #eee; }
 """
 
@@ -129,6 +134,55 @@ def trials_table(spans: Sequence[TrialSpan]) -> str:
     return "<table>" + _row(head, "th") + "".join(body) + "</table>"
 
 
+def _answer(text: str, finish: str) -> str:
+    """An answer cell: escaped, newlines kept (the style's pre-wrap), marked where max_new_tokens cut it."""
+    cut = " <em>[cut at max_new_tokens]</em>" if finish == "length" else ""
+    return f'<td class="answer">{esc(text)}{cut}</td>'
+
+
+def pairs_table(first: str, last: str, pairs: "Sequence[Pair]") -> str:
+    """One row per held-out prompt: the prompt, the first version's greedy answer, the last one's."""
+    if not pairs:
+        return "<p>No held-out prompt to compare the versions on.</p>"
+    head = _row(["prompt", esc(f"{first} (first)"), esc(f"{last} (last)")], "th")
+    body = [
+        f'<tr><td class="answer">{esc(p.prompt)}</td>{_answer(p.first, p.first_finish)}'
+        f"{_answer(p.last, p.last_finish)}</tr>"
+        for p in pairs
+    ]
+    return "<table>" + head + "".join(body) + "</table>"
+
+
+def fluency_table(fluency: "Sequence[Fluency]") -> str:
+    """Per version: answers scored, their length, the reference's log-prob per token, the KL to it."""
+    if not fluency:
+        return "<p>No served answers to score (no outcomes file, or no version in it).</p>"
+    head = ["version", "answers", "tokens per answer", "reference log-prob per token", "KL to the reference"]
+    body = []
+    for f in fluency:
+        cells = [esc(f.version), str(f.answers), _num(f.tokens_per_answer, 1)]
+        body.append(_row([*cells, _num(f.ref_logprob_per_token), _num(f.kl_to_reference, 2)]))
+    return "<table>" + _row(head, "th") + "".join(body) + "</table>"
+
+
+def comparison_section(c: "Comparison") -> str:
+    """The held-out prompts side by side, then the fluency of every version's served answers."""
+    return "\n".join(
+        [
+            "<h2>What changed: the first and the last version on the same held-out prompts</h2>",
+            "<p>Greedy answers to prompts the trainer never trained on, rendered and stopped as serving "
+            "does.</p>",
+            pairs_table(c.first, c.last, c.pairs),
+            "<h2>Fluency of the served answers</h2>",
+            "<p>The base model's mean log-prob per token of each version's served answers (nats; closer to "
+            "0 reads as more fluent to it) and the version's KL to the base, summed over an answer's tokens "
+            "(nats, the k1 estimate on the answers it sampled). Text a wrecked policy writes scores far "
+            "lower than the base's own answers.</p>",
+            fluency_table(list(c.fluency.values())),
+        ]
+    )
+
+
 def images() -> str:
     return "".join(
         f'<h2>{esc(caption)}</h2><img src="{name}" alt="{esc(caption)}">' for name, caption, _ in PLOTS
@@ -165,6 +219,7 @@ def page(
     min_ratings: int,
     notes: Sequence[str] = (),
     trials: Sequence[TrialSpan] = (),
+    comparison: "Comparison | None" = None,
 ) -> str:
     """The whole report.html."""
     body = [
@@ -173,6 +228,7 @@ def page(
         figures_table(v),
         "<h2>Per version</h2>",
         versions_table(rows),
+        comparison_section(comparison) if comparison is not None else "",
         "<h2>PPO rounds and the gate's decisions</h2>",
         rounds_table(rounds),
         "<h2>Canary trials</h2>",

@@ -8,7 +8,8 @@ decisions; see
 `rlhf_online.sim.runlog`) and, when given, the simulator's outcomes (the hidden judge's P(up) of every
 answer), then writes into the output folder `report.html` (`sim.page`), one PNG per plot (`sim.plots`) and
 `summary.json`: the verdict and closing figures (`sim.stats`), one row per version and one per canary
-trial decided.
+trial decided. Given a `sim.compare.Comparison`, the page also shows the first and the last version side by
+side and every version's fluency, and summary.json holds the fluency figures under "fluency".
 """
 
 import json
@@ -18,12 +19,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhf_online.config import parse_config
 from rlhf_online.sim import page, plots, runlog, stats
 from rlhf_online.sim.config import ReportConfig
 from rlhf_online.sim.runlog import RunData
 from rlhf_online.topics import Topics
+
+if TYPE_CHECKING:  # sim.compare imports torch and transformers; writing a report needs neither
+    from rlhf_online.sim.compare import Comparison
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +62,23 @@ def write_report(
     time_bin_s: float = 0.0,
     min_ratings: int = stats.MIN_RATINGS,
     notes: Sequence[str] = (),
+    comparison: "Comparison | None" = None,
 ) -> Path:
-    """Writes report.html, the PNGs and summary.json into `out_dir`; returns the path of report.html."""
+    """Writes report.html, the PNGs and summary.json into `out_dir`; returns the path of report.html.
+
+    `comparison` (from `sim.compare.compare_run`) adds the side-by-side and fluency tables, and "fluency".
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = data.dedup()
     plots.draw_all(data, out, plots.PlotOptions(time_bin_s=time_bin_s))
     result, rows = stats.verdict(data, min_ratings), stats.version_rows(data)
     spans = stats.trial_spans(data.models, data.trials)
-    text = json.dumps(summary(result, rows, spans), indent=2) + "\n"
-    (out / "summary.json").write_text(text, encoding="utf-8")
-    html = page.page(title, result, rows, data.rounds, min_ratings, notes, spans)
+    figures = summary(result, rows, spans)
+    if comparison is not None:
+        figures["fluency"] = comparison.fluency_json()
+    (out / "summary.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    html = page.page(title, result, rows, data.rounds, min_ratings, notes, spans, comparison)
     (out / "report.html").write_text(html, encoding="utf-8")
     return out / "report.html"
 
