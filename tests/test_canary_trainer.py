@@ -4,6 +4,7 @@ PROMOTED) or roll it back (LATEST stays, ROLLED_BACK naming the stable version),
 `rlhf.canary`, and no call of Rollback. Ratings accepted before the trial are not counted."""
 
 import math
+import threading
 
 import pytest
 from prometheus_client import REGISTRY
@@ -31,6 +32,7 @@ SMALL_ROUND = dict(
     rollouts_per_round=16, minibatch_size=8, ppo_epochs=1, max_new_tokens=8, eval_prompts=2,
     eval_samples_per_prompt=2, gate_margin=-1e6,  # every candidate passes: the users decide
     canary_share=0.2, canary_min_ratings=20, canary_margin=0.1, canary_max_ratings=400,
+    canary_train_during_trial=False,  # one trial at a time; the test below trains during one
 )  # fmt: skip
 
 
@@ -119,6 +121,81 @@ def test_the_users_thumbs_promote_or_roll_back_the_canary(
     ]
     start = policy_events[0]
     assert start.parent_version == "v000001" and start.metrics[CANARY_SHARE] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("promoted", [True, False], ids=["promoted-then-next-canary", "rolled-back-dropped"])
+def test_a_round_during_a_trial_trains_from_the_canary_and_waits_for_the_decision(
+    kafka_bootstrap, topics, tiny_model_dir, tmp_path, promoted
+):
+    """The trainer does not idle through a trial: the next round starts from the canary, and its candidate
+    becomes the next canary once the canary is promoted, or goes with it when it is rolled back."""
+    registry = Registry(tmp_path / "registry")
+    ensure_initial_policy(registry, tiny_model_dir)
+    produce_traffic(
+        kafka_bootstrap, topics, AutoTokenizer.from_pretrained(tiny_model_dir), N_TRAFFIC, ratings=True
+    )
+    service = start_trainer(
+        kafka_bootstrap, topics, registry, **{**SMALL_ROUND, "canary_train_during_trial": True}
+    )
+    try:
+        announce_reward_checkpoint(kafka_bootstrap, topics, registry, tiny_model_dir, 40)
+        wait_for(lambda: service.trial_running, 240, "the first canary")
+        announce_reward_checkpoint(kafka_bootstrap, topics, registry, tiny_model_dir, 80)  # 40 more ratings
+        wait_for(lambda: service._pending is not None, 240, "a candidate trained from the canary")
+        assert service._pending.record.start_version == "v000002" and service.trial_running
+        assert service.last_published == "v000002"  # it waits: one trial at a time
+        rates = {"v000002": 0.8, "v000001": 0.3} if promoted else {"v000002": 0.2, "v000001": 0.7}
+        produce_ratings(kafka_bootstrap, topics, rates, 200)
+        wait_for(lambda: service.canary.decisions and service._pending is None, 120, "the decision")
+    finally:
+        service.stop()
+    actions = [
+        (e.action, e.version, e.parent_version)
+        for e in model_events(kafka_bootstrap, topics, events_pb2.POLICY)
+    ]
+    if promoted:
+        assert actions == [
+            (events_pb2.CANARY, "v000002", "v000001"),
+            (events_pb2.PROMOTED, "v000002", "v000001"),
+            (events_pb2.CANARY, "v000003", "v000002"),  # the waiting candidate, against its parent
+        ]
+        assert registry.manifest(POLICY, "v000003").parent_version == "v000002"
+    else:
+        assert actions == [
+            (events_pb2.CANARY, "v000002", "v000001"),
+            (events_pb2.ROLLED_BACK, "v000001", ""),
+        ]
+        assert registry.versions(POLICY) == ["v000001", "v000002"]  # the candidate was never published
+    assert registry.latest(POLICY) == ("v000002" if promoted else "v000001")
+
+
+def test_a_draining_trainer_lets_the_open_trial_decide_and_starts_nothing_new(
+    kafka_bootstrap, topics, tiny_model_dir, tmp_path
+):
+    """What the demo does at its end (SIGUSR1 in serve-trainer): no trial is left open, none is started."""
+    registry = Registry(tmp_path / "registry")
+    ensure_initial_policy(registry, tiny_model_dir)
+    produce_traffic(
+        kafka_bootstrap, topics, AutoTokenizer.from_pretrained(tiny_model_dir), N_TRAFFIC, ratings=True
+    )
+    pipelined = {**SMALL_ROUND, "canary_train_during_trial": True}
+    service = start_trainer(kafka_bootstrap, topics, registry, **pipelined)
+    drained = threading.Event()
+    try:
+        announce_reward_checkpoint(kafka_bootstrap, topics, registry, tiny_model_dir, 40)
+        wait_for(lambda: service.trial_running, 240, "the canary")
+        service.drain(then=drained.set)
+        announce_reward_checkpoint(kafka_bootstrap, topics, registry, tiny_model_dir, 80)  # would trigger
+        assert not drained.is_set()  # the trial is still open
+        produce_ratings(kafka_bootstrap, topics, {"v000002": 0.8, "v000001": 0.3}, 200)
+        wait_for(drained.is_set, 120, "the drain")
+        assert service.run_round_now("asked") is None  # drained: nothing starts
+    finally:
+        service.stop()
+    assert [d.outcome for d in service.canary.decisions] == ["promote"] and not service.trial_running
+    assert service.rounds_run == 1 and registry.versions(POLICY) == ["v000001", "v000002"]
+    actions = [e.action for e in model_events(kafka_bootstrap, topics, events_pb2.POLICY)]
+    assert actions == [events_pb2.CANARY, events_pb2.PROMOTED]
 
 
 def test_a_trainer_restarted_during_a_trial_carries_it_on(kafka_bootstrap, topics, tiny_model_dir, tmp_path):

@@ -210,6 +210,20 @@ class DemoConfig:
             "version serving then, so its thumbs-up rate rests on a fixed sample; 0: no final phase."
         },
     )
+    canary_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "Share of users a version that passed the trainer's gate serves first, as a canary that "
+            "their thumbs promote or roll back (serve-trainer --canary-share); 0: off, it serves everyone."
+        },
+    )
+    trial_wait_s: float = field(
+        default=240.0,
+        metadata={
+            "help": "After --duration-s the trainer drains: users keep chatting until an open canary trial "
+            "is decided, for at most this long (then it stays open and the final phase is split)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the users and the services."})
     inference_args: str = field(
         default="", metadata={"help": "Extra flags for serve-inference (shell words)."}
@@ -236,5 +250,7 @@ class DemoConfig:
             raise ValueError(f"protocol={self.protocol!r}; use grpc or tgi")
         if self.torch_threads < 0:
             raise ValueError("torch_threads must be >= 0")
+        if not 0.0 <= self.canary_share < 1.0 or self.trial_wait_s < 0:
+            raise ValueError("canary_share must be in [0, 1) (0: off) and trial_wait_s >= 0")
         if self.baseline_answers < 0 or self.final_answers < 0:
             raise ValueError("baseline_answers and final_answers must be >= 0")

@@ -31,7 +31,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -257,7 +257,7 @@ class Demo:
         "Serving runs it" is current state, so it is read from the inference service's version gauge (a
         ModelEvent says a version was published, not that this replica has swapped to it yet).
         """
-        await self._stop([self.services.trainer])
+        await self._drain_trainer()
         latest = Registry(self.run_dir / "registry").latest(POLICY) or ""
         deadline = time.monotonic() + self.config.startup_timeout_s
         while not self.stop.is_set() and time.monotonic() < deadline:
@@ -268,6 +268,20 @@ class Demo:
                 await asyncio.wait_for(self.stop.wait(), 0.2)
         self.display.say(f"warning: serving did not switch to {latest}; evaluating the version it serves")
         return self.progress.serving
+
+    async def _drain_trainer(self) -> None:
+        """With canaries: the trainer drains (SIGUSR1: no new round or trial) while the users keep chatting,
+        so an open trial is decided by their thumbs, for at most --trial-wait-s; then it is stopped."""
+        trainer = self.services.trainer
+        if self.config.canary_share and trainer.running():
+            trainer.proc.send_signal(signal.SIGUSR1)
+            self.progress.phase = "deciding the open canary trial"
+            self.display.say(
+                f"the trainer drains: an open canary trial goes on to its decision (at most "
+                f"{self.config.trial_wait_s:.0f}s)"
+            )
+            await self._users(duration_s=self.config.trial_wait_s, until=lambda: not trainer.running())
+        await self._stop([trainer])
 
     def _sim_config(self, duration_s: float, max_requests: int) -> SimulateConfig:
         """The simulator's settings for one phase; each phase draws users and prompts of its own."""
@@ -292,11 +306,17 @@ class Demo:
             outcomes_path=str(self.outcomes),
         )
 
-    async def _users(self, *, duration_s: float = 0.0, max_requests: int = 0) -> None:
-        """Runs the simulated users until `duration_s` or `max_requests` (or Ctrl-C), updating the display."""
+    async def _users(
+        self, *, duration_s: float = 0.0, max_requests: int = 0, until: Callable[[], bool] | None = None
+    ) -> None:
+        """Runs the simulated users until `duration_s` or `max_requests`, `until()` turns true (checked at
+        each refresh) or Ctrl-C, updating the display."""
         sim_config = self._sim_config(duration_s, max_requests)
-        task = asyncio.create_task(simulate(sim_config, stop=self.stop, on_outcome=self.progress.on_outcome))
+        done = asyncio.Event()
+        task = asyncio.create_task(simulate(sim_config, stop=done, on_outcome=self.progress.on_outcome))
         while not task.done():
+            if self.stop.is_set() or (until is not None and until()):
+                done.set()
             await self._poll()
             self.display.show(self.progress.lines())
             await asyncio.wait({task}, timeout=self.config.refresh_s)
@@ -334,8 +354,34 @@ class Demo:
             f"logs in {self.run_dir / 'logs'}; PPO rounds also in {self.run_dir / 'rounds.jsonl'}."
         ]
         title = f"rlhf-online demo {self.run_dir.name}"
-        path = await asyncio.to_thread(report.write_report, data, self.run_dir, title=title, notes=notes)
+        comparison = await self._compare(data)
+        path = await asyncio.to_thread(
+            report.write_report, data, self.run_dir, title=title, notes=notes, comparison=comparison
+        )
         return path, json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
+
+    async def _compare(self, data: runlog.RunData):
+        """The first and the last version's answers side by side, and their fluency (`sim.compare`), for
+        the report and compare.json; None (and a warning) if that cannot be done."""
+        from rlhf_online.sim import compare, stats  # torch: only now, when the services have stopped
+
+        v = stats.verdict(data.dedup())
+        registry = Registry(self.run_dir / "registry")
+        first = (v.first or {}).get("version") or registry.versions(POLICY)[0]
+        last = (v.last or {}).get("version") or registry.latest(POLICY)
+        self.display.say(f"comparing {first} and {last}: answers side by side, fluency")
+        try:
+            comparison = await asyncio.to_thread(
+                compare.compare_run, self.run_dir, self.model_dir, first=first, last=last,
+                max_new_tokens=self.config.max_new_tokens, versions=sorted({first, last}),
+                device=self.config.device,
+            )  # fmt: skip
+        except Exception as e:  # the report is written without it
+            log.warning("comparing %s and %s failed", first, last, exc_info=True)
+            self.display.say(f"warning: no side-by-side answers ({type(e).__name__}: {e})")
+            return None
+        (self.run_dir / "compare.json").write_text(comparison.to_json(), encoding="utf-8")
+        return comparison
 
     async def _stop_broker(self) -> None:
         if self.started_broker and not self.config.keep_broker:

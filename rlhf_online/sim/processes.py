@@ -31,7 +31,17 @@ CHAT_SERVICE = "rlhf.v1.ChatService"
 # last flag wins).
 DEMO_FLAGS: dict[str, dict[str, str]] = {"inference": {"--replica-id": "demo-0"}, "reward": {}, "trainer": {}}
 
-# With the tiny model (the default), the reward model is sized so that the loop learns within a few minutes
+# The demo's canary trials decide on a few hundred ratings: a decision after 30 ratings per arm at the
+# earliest, promotion when the canary is significantly not worse than stable by more than 10 points (the
+# trainer's default margin, 5, takes about twice the ratings; benchmarks/canary_error_rates.py), and a trial
+# that lasts 10 minutes rolls back.
+DEMO_CANARY_FLAGS: dict[str, str] = {
+    "--canary-min-ratings": "30",
+    "--canary-margin": "0.1",
+    "--canary-max-seconds": "600",
+}
+
+# With the tiny model, the reward model is sized so that the loop learns within a few minutes
 # on two CPU cores: the tiny model's embeddings, final norm and head, no transformer block (a character
 # class is learnt from a few hundred ratings where all 4 blocks need over a thousand), pooled as
 # "response_features" (mean, max, first and last token, length), so it sees how an answer starts and ends
@@ -187,6 +197,8 @@ def _service(name: str, config: DemoConfig, common: dict, tiny: bool, run_dir: P
         flags["--tgi-port"] = str(tgi_port)
     else:
         flags["--seed"] = str(config.seed)
+    if name == "trainer" and config.canary_share:
+        flags |= {"--canary-share": str(config.canary_share), **DEMO_CANARY_FLAGS}
     command = cli(f"serve-{name}", *_flags(flags), *shlex.split(getattr(config, f"{name}_args")))
     health = CHAT_SERVICE if name == "inference" else ""
     log = run_dir / "logs" / f"{name}.log"

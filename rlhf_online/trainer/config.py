@@ -155,6 +155,14 @@ class TrainerConfig(ServiceConfig):
             "thumbs promote or roll it back (0: off, a passed version serves everyone at once)."
         },
     )
+    canary_train_during_trial: bool = field(
+        default=True,
+        metadata={
+            "help": "While a canary trial runs, the next round trains from the canary; a candidate it passes "
+            "waits for the trial: the next canary if the canary is promoted, dropped if it is rolled back "
+            "(off: no round during a trial)."
+        },
+    )
     canary_min_ratings: int = field(
         default=50, metadata={"help": "Canary trial: no decision before each arm has this many ratings."}
     )

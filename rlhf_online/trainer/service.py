@@ -17,8 +17,11 @@ The loop (one thread; kafka-python consumers are not thread-safe):
 5. publishes the round's RoundEvent to `rlhf.rounds`: PASSED, REJECTED, FAILED or ABANDONED.
 
 With `--canary-share` > 0 step 4 publishes the version without moving LATEST and starts a canary trial
-(trainer/canary.py): the loop then reads the trial's ratings from `rlhf.feedback`, starts no round, and after
-the decision (PROMOTED: LATEST moves to the canary; ROLLED_BACK: it stays) goes back to 1.
+(trainer/canary.py): the loop then reads the trial's ratings from `rlhf.feedback` between rounds until the
+decision (PROMOTED: LATEST moves to the canary; ROLLED_BACK: it stays). Meanwhile rounds go on from the
+canary (`--canary-train-during-trial`, on by default): a candidate that passes the gate waits for the
+decision, then becomes the next canary (promoted) or is dropped (rolled back: its parent is withdrawn). A
+trial's ratings wait in Kafka while a round runs, so reading them late changes when, not what, it decides.
 
 At start-up it reads the registry's LATEST reward once, to resume; after that it learns of reward versions
 from their ModelEvents only. Without Kafka (`--kafka-bootstrap ""`) the start-up reward is all it knows.
@@ -103,6 +106,16 @@ class RewardCheckpoint:
 
 
 @dataclass
+class Pending:
+    """A candidate that passed the gate during a canary trial of its parent: published once it is decided."""
+
+    record: RoundRecord
+    result: RoundResult
+    tokenizer: PreTrainedTokenizerBase
+    heldout: list[str]
+
+
+@dataclass
 class Carried:
     """A candidate the gate rejected for too small an improvement: the next round starts from it."""
 
@@ -169,6 +182,7 @@ class TrainerService:
         self.rounds_abandoned = 0
         self._carried: Carried | None = None  # see --keep-rejected
         self._gate_answers = GateAnswers()
+        self._pending: Pending | None = None  # see --canary-train-during-trial
         self.bad_records = 0  # Kafka records skipped as unusable
         # Rounds cut prompts to their last max_prompt_tokens tokens; a token is rarely longer than 32 chars.
         self._max_prompt_chars = 32 * config.max_prompt_tokens
@@ -185,6 +199,8 @@ class TrainerService:
         self._last_round_at = time.monotonic()
         self._reference: tuple[str, torch.nn.Module] | None = None
         self._stop = threading.Event()
+        self._draining = threading.Event()  # see drain()
+        self._on_drained: Callable[[], None] | None = None
         self._thread: threading.Thread | None = None
         self._consumer: KafkaConsumer | None = None
         self._producer = None
@@ -221,6 +237,17 @@ class TrainerService:
             self.config.min_new_ratings,
             self.config.round_interval_s,
         )
+
+    def drain(self, then: Callable[[], None]) -> None:
+        """Winds down without leaving a trial open: a round in progress is abandoned, no round or trial
+        starts, a running trial goes on to its decision, and a candidate waiting for it is not published;
+        then `then()` is called (from the loop thread). SIGUSR1 in serve-trainer; the demo's last phase."""
+        self._on_drained = then
+        self._draining.set()
+        log.info("draining: no new round or trial starts; a running trial goes on to its decision")
+
+    def _stopping(self) -> bool:
+        return self._stop.is_set() or self._draining.is_set()
 
     def stop(self, timeout_s: float = 120.0) -> None:
         """Stops the loop: a round in progress is abandoned at its next check (or finishes publishing)."""
@@ -429,12 +456,13 @@ class TrainerService:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self.trial_running:  # no round during a trial; the prompt pool and reward events go on
-                self._poll_kafka(0)
-                self.canary.step(int(self.config.poll_interval_s * 1000))
+            if self._step_trial():  # only the trial to wait for; the prompt pool and reward events go on
+                continue
+            if self._draining.is_set():
+                self._drained()
                 continue
             if self._consumer is not None:
-                self._poll_kafka(int(self.config.poll_interval_s * 1000))
+                self._poll_kafka(0 if self.trial_running else int(self.config.poll_interval_s * 1000))
             else:
                 self._stop.wait(self.config.poll_interval_s)
             if self._stop.is_set():
@@ -467,14 +495,45 @@ class TrainerService:
 
     @property
     def trial_running(self) -> bool:
-        """A canary trial runs: no round starts until it is decided."""
+        """A canary trial runs (rounds go on from the canary only with --canary-train-during-trial)."""
         return self.canary is not None and self.canary.active
+
+    def _step_trial(self) -> bool:
+        """Reads a running trial's ratings; publishes or drops the waiting candidate once it is decided.
+        True when the loop has nothing to do but wait for the decision."""
+        if not self.trial_running:
+            return False
+        self._poll_kafka(0)
+        self.canary.step(int(self.config.poll_interval_s * 1000))
+        if not self.trial_running:
+            self._publish_pending()
+            return False
+        return not self._round_allowed()
+
+    def _round_allowed(self) -> bool:
+        """Not draining, and no trial, or one whose canary may be trained on and no candidate waiting."""
+        if self._draining.is_set():
+            return False
+        if not self.trial_running:
+            return True
+        return self.config.canary_train_during_trial and self._pending is None
+
+    def _drained(self) -> None:
+        """Called by the loop once draining and no trial runs: tells the owner once, then idles."""
+        then, self._on_drained = self._on_drained, None
+        if then is not None:
+            log.info("drained: no trial open, no round running")
+            then()
+        self._stop.wait(self.config.poll_interval_s)
 
     def run_round_now(self, reason: str = "asked") -> RoundResult | None:
         """Runs one round now, publishing if the gate passes, then its RoundEvent; returns its result (None
-        if it did not finish: nothing to run, postponed, abandoned or failed, or a canary trial runs)."""
-        if self.trial_running:
-            log.info("no round: the canary trial of %s runs", self.canary.trial.canary_version)
+        if it did not finish: nothing to run, postponed, abandoned or failed, or a canary trial blocks it)."""
+        if not self._round_allowed():
+            trial = (
+                "draining" if self._draining.is_set() else f"the trial of {self.canary.trial.canary_version}"
+            )
+            log.info("no round: %s", trial)
             return None
         record = self._new_record()
         if record is None:
@@ -495,7 +554,7 @@ class TrainerService:
 
     def _new_record(self) -> RoundRecord | None:
         """The record of the round about to start, or None when there is no policy or reward to train with."""
-        policy_version, reward = self.registry.latest(POLICY), self._reward
+        policy_version, reward = self._round_base(), self._reward
         if policy_version is None or reward is None:
             log.info(
                 "no round: %s", "the registry has no policy version" if reward else "no reward checkpoint yet"
@@ -564,13 +623,16 @@ class TrainerService:
         self._carried = None
         result = run_round(
             policy, reference, tokenizer, reward_fn, train, heldout, self.config, self.kl_ctl,
-            seed=self.config.seed + record.number, should_stop=self._stop.is_set, name=record.name,
+            seed=self.config.seed + record.number, should_stop=self._stopping, name=record.name,
             serving=serving, serving_answers=self._gate_answers.get(record.start_version, heldout),
         )  # fmt: skip
         self._gate_answers.put(record.start_version, heldout, result.serving_eval)
         self._check_still_serving(record.start_version)
         self._record_verdict(record, result)
-        if result.decision.passed:
+        if result.decision.passed and self.trial_running:
+            self._pending = Pending(record, result, tokenizer, heldout)
+            log.info("%s: its candidate waits for the trial of %s", record.name, record.start_version)
+        elif result.decision.passed:
             self._publish(record, result, tokenizer)
             self._gate_answers.put(record.published_version, heldout, result.candidate_eval)
         elif self.config.keep_rejected and result.decision.code == "no_improvement":
@@ -670,10 +732,31 @@ class TrainerService:
             result.decision.improvement,
         )  # fmt: skip
 
+    def _publish_pending(self) -> None:
+        """After a trial's decision: the candidate trained from its canary is the next canary if the canary
+        was promoted (it is LATEST now), else it is dropped with the canary it descends from."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        record = pending.record
+        if self._draining.is_set():
+            log.info("%s: draining, so its candidate is not published", record.name)
+            return
+        if self.registry.latest(POLICY) != record.start_version:
+            log.info("%s: dropping its candidate: %s was not promoted", record.name, record.start_version)
+            return
+        self._publish(record, pending.result, pending.tokenizer)
+        self._gate_answers.put(record.published_version, pending.heldout, pending.result.candidate_eval)
+
+    def _round_base(self) -> str | None:
+        """The version a round starts from: LATEST, or the canary of a running trial."""
+        return self.canary.trial.canary_version if self.trial_running else self.registry.latest(POLICY)
+
     def _check_still_serving(self, policy_version: str) -> None:
-        """Drops a round whose starting version is no longer LATEST: an operator rolled back (or another
-        writer published) meanwhile, and publishing now would override that decision."""
-        serving_now = self.registry.latest(POLICY)
+        """Drops a round whose starting version is no longer LATEST (or the running trial's canary): an
+        operator rolled back (or another writer published) meanwhile, and publishing now would override
+        that decision."""
+        serving_now = self._round_base()
         if serving_now != policy_version:
             raise RoundAbandoned(f"serving moved from {policy_version} to {serving_now} during the round")
 

@@ -3,7 +3,8 @@
     rlhf-online serve-trainer --registry-dir .rlhf/registry --base-model-dir .rlhf/tiny-model
     RLHF_MIN_NEW_RATINGS=64 RLHF_ROUND_INTERVAL_S=300 rlhf-online serve-trainer
 
-SIGTERM or SIGINT abandons a round in progress (nothing partial is published) and exits 0.
+SIGTERM or SIGINT abandons a round in progress (nothing partial is published) and exits 0. SIGUSR1 drains:
+no new round or canary trial starts, a trial running goes on to its decision, then the process exits 0.
 """
 
 import logging
@@ -31,6 +32,7 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGUSR1, lambda signum, frame: service.drain(then=stopping.set))
     service.start()
     stopping.wait()
     log.info("shutting down: abandoning any round in progress")
