@@ -10,7 +10,9 @@ What it asserts:
 1. the loop learns: the last version's thumbs-up rate beats the first (base) version's by at least MARGIN;
 2. every rating that SubmitFeedback acknowledged is in the feedback topic exactly once (by event_id), and the
    topic holds no duplicate event_id at all;
-3. the report was written with every plot, and its verdict says the loop learned.
+3. the report was written with every plot, and its verdict says the loop learned;
+4. with the demo's defaults canary trials ran: at least one version was promoted by the users' thumbs, and
+   the trainer drained at the end, so no trial was left open and the final phase is the last version alone.
 
 Sizes: 31.7% of the base model's answers contain a "?" (sim/preferences.py), so with 5% rater noise it gets
 about 33% thumbs up, and an answer with one 95%. Measured with the demo's phases on the shared 2-core machine
@@ -98,3 +100,11 @@ def test_closed_loop_learns_and_keeps_every_acknowledged_rating(
     for name, _, _ in report.PLOTS:
         assert (result.run_dir / name).is_file() and f'src="{name}"' in html
     assert result.verdict["learning"] is True, result.verdict["headline"]
+
+    # 4. with the demo's defaults, canaries: half the users get each passed version first, their thumbs
+    # decide it, and the trainer drained at the end (no trial left open: the final phase is one version)
+    decisions = read_topic(kafka_bootstrap, topics.canary, min_records=1, timeout_s=60)
+    outcomes = [events_pb2.CanaryDecision.FromString(r.value).outcome for r in decisions]
+    assert events_pb2.CANARY_PROMOTED in outcomes, outcomes
+    final = [o["model_version"] for o in acked[-FINAL_ANSWERS:]]
+    assert set(final) == {last}, collections.Counter(final)

@@ -28,7 +28,7 @@ from rlhf_online.topics import Topics
 from rlhf_online.trainer.config import TrainerConfig
 from rlhf_online.trainer.publish import Publisher
 from rlhf_online.trainer.service import create_service, read_prompt_file
-from rlhf_online.trainer.triggers import RoundTrigger, split_prompts
+from rlhf_online.trainer.triggers import RoundTrigger, prompt_hash, split_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -303,6 +303,21 @@ def test_serve_trainer_exits_0_on_sigterm(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, rest
     assert "trainer stopped" in rest
     assert Registry(tmp_path / "registry").latest("policy") == "v000001"  # it bootstrapped the base model
+
+
+def test_the_gate_keeps_its_prompts_while_the_pool_changes(tmp_path):
+    """Once the gate has its --eval-prompts held-out prompts it keeps them, so rounds compare alike and a
+    round re-scores the serving version's answers; a prompt of lower hash arriving later does not join."""
+    service = create_service(
+        TrainerConfig(kafka_bootstrap="", registry_dir=str(tmp_path), grpc_port=0, eval_prompts=3)
+    )
+    heldout = sorted((f"prompt {i}" for i in range(400)), key=prompt_hash)
+    heldout = [p for p in heldout if prompt_hash(p) < 0.2]
+    first = service._eval_set(heldout[3:5])  # the pool so far holds two of them
+    assert first == heldout[3:5]
+    second = service._eval_set(heldout[:4])  # later: lower hashes arrive, one of the first two left
+    assert second == [*heldout[3:5], heldout[0]]
+    assert service._eval_set(heldout[:2]) == second  # full: fixed from now on
 
 
 @pytest.mark.parametrize("keep_rejected", [True, False], ids=["kept", "dropped"])

@@ -18,9 +18,15 @@ from rlhf_online.trainer.config import TrainerConfig
 from rlhf_online.trainer.gate import EvalResult
 from rlhf_online.trainer.kl import make_kl_controller
 from rlhf_online.trainer.policy import build_policy, load_reference, trainable_policy
-from rlhf_online.trainer.rollout import policy_outputs, sample_rollouts
+from rlhf_online.trainer.rollout import (
+    logprobs_with_reference,
+    policy_outputs,
+    response_logprobs,
+    sample_rollouts,
+)
 from rlhf_online.trainer.round import RoundSetup, make_experience, run_round, train
 from rlhf_online.trainer.service import GateAnswers
+from rlhf_online.trainer.trunk import common_trunk, decoder_layers
 
 CONFIG = TrainerConfig(
     learning_rate=TINY_LEARNING_RATE, rollouts_per_round=12, minibatch_size=4, ppo_epochs=2
@@ -104,13 +110,33 @@ def test_a_model_that_does_not_take_the_trunk_trains_on_the_whole_model(tokenize
     )
     reference = copy.deepcopy(gpt2).eval().requires_grad_(False)
     policy = trainable_policy(gpt2, torch.nn.Linear(32, 1), train_mode="top_layers", trainable_layers=1)
-    exp = experience(policy, reference, tokenizer, prompts)
-    assert exp.trunk is not None
     with caplog.at_level(logging.WARNING):
-        stats = train(setup_for(policy, reference, tokenizer, prompts), exp, seed=0)
+        exp = experience(policy, reference, tokenizer, prompts)
     assert exp.trunk is None
     assert "PPO steps run the whole model" in caplog.text
+    stats = train(setup_for(policy, reference, tokenizer, prompts), exp, seed=0)
     assert torch.isfinite(torch.tensor(stats["pg_loss"]))
+
+
+def test_the_reference_runs_only_its_own_top_blocks_on_the_trunk_it_shares(
+    tiny_model_dir, tokenizer, prompts
+):
+    """The reference and a policy trained in top_layers mode share their bottom blocks: the reference's
+    log-probs from the kept trunk equal its whole forward's, and a changed bottom block is seen."""
+    reference = load_reference(tiny_model_dir)
+    policy = build_policy(tiny_model_dir, train_mode="top_layers", trainable_layers=2)
+    with torch.no_grad():
+        decoder_layers(policy.lm)[3].mlp.down_proj.weight.mul_(1.5)  # a trained top block
+    assert common_trunk(policy.lm, reference) == 3
+    exp = experience(policy, reference, tokenizer, prompts)
+    whole = response_logprobs(reference, exp.rollouts, 1.0, 4)
+    assert_close(exp.ref_logprobs, whole, atol=1e-5, rtol=1e-5)
+    logprobs, ref_logprobs = logprobs_with_reference(policy.lm, reference, exp.rollouts, 1.0, 4)
+    assert_close(ref_logprobs, whole, atol=1e-5, rtol=1e-5)
+    assert_close(logprobs, response_logprobs(policy.lm, exp.rollouts, 1.0, 4), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        decoder_layers(policy.lm)[0].mlp.down_proj.weight.mul_(1.5)  # not the reference's bottom any more
+    assert common_trunk(policy.lm, reference) == 0
 
 
 def test_a_round_rescores_the_serving_versions_earlier_answers(tiny_model_dir, tokenizer, prompts):

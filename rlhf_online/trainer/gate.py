@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf_online.contract import RoundFigure
 from rlhf_online.trainer.ppo import kl_estimate, masked_sum
-from rlhf_online.trainer.rollout import response_logprobs, sample_rollouts
+from rlhf_online.trainer.rollout import logprobs_with_reference, sample_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,9 @@ def evaluate_policy(
     )
     generate_s = time.perf_counter() - t0
     scores = reward_fn(rollouts.prompts, rollouts.responses).float()  # (B,)
-    logprobs = response_logprobs(lm, rollouts, temperature, batch_size)  # (B, T)
-    ref_logprobs = response_logprobs(reference, rollouts, temperature, batch_size)  # (B, T)
+    logprobs, ref_logprobs = logprobs_with_reference(
+        lm, reference, rollouts, temperature, batch_size
+    )  # (B, T)
     kl = masked_sum(kl_estimate(logprobs, ref_logprobs, "k3"), rollouts.response_mask, dim=1)  # (B,)
     return EvalResult(
         mean_score=scores.mean().item(),

@@ -7,6 +7,7 @@ predict the response are those at positions P-1 .. P+T-2. Log-probabilities are 
 from the same computation; logits are divided by the sampling temperature in both.
 """
 
+import contextlib
 import logging
 from dataclasses import dataclass, fields
 
@@ -16,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf_online.engine.sampling import pad_id
 from rlhf_online.trainer.ppo import entropy_from_logits, logprobs_from_logits
+from rlhf_online.trainer.trunk import capture_trunk, common_trunk, matches, top_blocks_only
 
 log = logging.getLogger(__name__)
 
@@ -182,28 +184,60 @@ def concat_rollouts(chunks: list[Rollouts], pad_token_id: int) -> Rollouts:
     return Rollouts(prompts, responses, query_ids, response_ids, attention_mask, position_ids, response_mask)
 
 
-def response_logits(lm: nn.Module, rollouts: Rollouts, temperature: float) -> torch.Tensor:
-    """Logits (divided by the temperature) that predict each response token; (B, T, V)."""
+def response_logits(
+    lm: nn.Module, rollouts: Rollouts, temperature: float, trunk: torch.Tensor | None = None, split: int = 0
+) -> torch.Tensor:
+    """Logits (divided by the temperature) that predict each response token; (B, T, V). With `trunk`
+    (B, P + T, H), the output of `lm`'s bottom `split` blocks for these rollouts: only the rest run."""
     T = rollouts.response_ids.shape[1]
-    out = lm(
-        input_ids=rollouts.input_ids,
-        attention_mask=rollouts.attention_mask,
-        position_ids=rollouts.position_ids,
-        logits_to_keep=T + 1,
-        use_cache=False,
-    )
+    inputs = {"input_ids": rollouts.input_ids} if trunk is None else {"inputs_embeds": trunk}
+    with contextlib.nullcontext() if trunk is None else top_blocks_only(lm, split):
+        out = lm(
+            **inputs,
+            attention_mask=rollouts.attention_mask,
+            position_ids=rollouts.position_ids,
+            logits_to_keep=T + 1,
+            use_cache=False,
+        )
     return out.logits[:, :-1].float() / temperature  # (B, T, V)
 
 
 @torch.no_grad()
-def response_logprobs(lm: nn.Module, rollouts: Rollouts, temperature: float, batch_size: int) -> torch.Tensor:
+def response_logprobs(
+    lm: nn.Module,
+    rollouts: Rollouts,
+    temperature: float,
+    batch_size: int,
+    trunk: torch.Tensor | None = None,
+    split: int = 0,
+) -> torch.Tensor:
     """log pi(a_t | s_t) of every response token under `lm`, in chunks of `batch_size`; (B, T)."""
     out = []
     for start in range(0, len(rollouts), batch_size):
-        chunk = rollouts.select(torch.arange(start, min(start + batch_size, len(rollouts))))
-        logits = response_logits(lm, chunk, temperature)  # (b, T, V)
-        out.append(logprobs_from_logits(logits, chunk.response_ids) * chunk.response_mask)
+        rows = torch.arange(start, min(start + batch_size, len(rollouts)))
+        chunk = rollouts.select(rows)
+        logits = response_logits(lm, chunk, temperature, None if trunk is None else trunk[rows], split)
+        out.append(logprobs_from_logits(logits, chunk.response_ids) * chunk.response_mask)  # (b, T)
     return torch.cat(out)  # (B, T)
+
+
+@torch.no_grad()
+def logprobs_with_reference(
+    lm: nn.Module, reference: nn.Module, rollouts: Rollouts, temperature: float, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_logprobs` under `lm` and under `reference`, each (B, T); the bottom blocks they share
+    weight for weight (`trunk.common_trunk`) run once, if the model takes their output back."""
+    split = common_trunk(lm, reference)
+    if split == 0:
+        return tuple(response_logprobs(m, rollouts, temperature, batch_size) for m in (lm, reference))
+    with capture_trunk(lm, split) as kept:
+        logprobs = response_logprobs(lm, rollouts, temperature, batch_size)  # (B, T)
+    trunk = torch.cat(kept)  # (B, P + T, H)
+    rows = torch.arange(min(batch_size, len(rollouts)))
+    again = response_logprobs(lm, rollouts.select(rows), temperature, batch_size, trunk[rows], split)
+    if not matches(again, logprobs[rows], rollouts.response_mask[rows]):
+        return logprobs, response_logprobs(reference, rollouts, temperature, batch_size)
+    return logprobs, response_logprobs(reference, rollouts, temperature, batch_size, trunk, split)
 
 
 def policy_outputs(

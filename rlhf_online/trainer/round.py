@@ -47,7 +47,7 @@ from rlhf_online.trainer.ppo import (
     ppo_loss,
 )
 from rlhf_online.trainer.rollout import Rollouts, policy_outputs, response_logprobs, sample_rollouts
-from rlhf_online.trainer.trunk import capture_trunk
+from rlhf_online.trainer.trunk import capture_trunk, common_trunk
 from rlhf_online.trainer.trunk import matches as trunk_matches
 
 log = logging.getLogger(__name__)
@@ -282,16 +282,25 @@ def make_experience(
             logprobs.append(lp * chunk.response_mask)
             values.append(v * chunk.response_mask)
     logprobs_t, values_t = torch.cat(logprobs), torch.cat(values)  # (B, T)
-    ref_logprobs = response_logprobs(reference, rollouts, config.temperature, config.minibatch_size)  # (B, T)
+    kept = torch.cat(trunk) if trunk else None  # (B, P + T, H)
+    if kept is not None and not trunk_reproduces(policy, rollouts, kept, logprobs_t, config):
+        log.warning(
+            "%s's forward does not take the kept trunk as the first trainable block's input; PPO steps "
+            "run the whole model", type(policy.lm).__name__,
+        )  # fmt: skip
+        kept = None
+    shared = kept is not None and common_trunk(policy.lm, reference) >= split
+    ref_logprobs = response_logprobs(
+        reference, rollouts, config.temperature, config.minibatch_size, kept if shared else None, split
+    )  # (B, T)
     mask = rollouts.response_mask
     rewards, kl = compute_rewards(scores, logprobs_t, ref_logprobs, mask, kl_coef, config.kl_estimator)
     advantages, returns = gae_advantages(rewards, values_t, mask, config.gamma, config.lam)
     if config.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     return Experience(
-        rollouts, scores, logprobs_t, ref_logprobs, values_t, rewards, kl, advantages, returns,
-        trunk=torch.cat(trunk) if trunk else None,
-    )  # fmt: skip
+        rollouts, scores, logprobs_t, ref_logprobs, values_t, rewards, kl, advantages, returns, trunk=kept
+    )
 
 
 def train(setup: RoundSetup, exp: Experience, seed: int) -> dict[str, float]:
@@ -301,23 +310,23 @@ def train(setup: RoundSetup, exp: Experience, seed: int) -> dict[str, float]:
         trainable = [p for p in setup.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=c.learning_rate, eps=1e-5, weight_decay=0.0)
         generator = torch.Generator().manual_seed(seed)
-        if exp.trunk is not None and not trunk_reproduces(setup.policy, exp, c):
-            log.warning(
-                "%s: %s's forward does not take the kept trunk as the first trainable block's input; "
-                "PPO steps run the whole model", setup.name, type(setup.policy.lm).__name__,
-            )  # fmt: skip
-            exp.trunk = None
         return ppo_update(setup.policy, optimizer, exp, c, generator, setup.should_stop, setup.name)
 
 
 @torch.no_grad()
-def trunk_reproduces(policy: PolicyWithValueHead, exp: Experience, config: TrainerConfig) -> bool:
-    """Before any update: do the top blocks on the kept trunk give the experience pass's log-probs?"""
-    idx = torch.arange(min(config.minibatch_size, len(exp.rollouts)))
-    mb = exp.rollouts.select(idx)
-    policy.eval()
-    logprobs, _, _ = policy_outputs(policy, mb, config.temperature, exp.trunk[idx])  # (b, T)
-    return trunk_matches(logprobs * mb.response_mask, exp.logprobs[idx], mb.response_mask)
+def trunk_reproduces(
+    policy: PolicyWithValueHead,
+    rollouts: Rollouts,
+    trunk: torch.Tensor,
+    logprobs: torch.Tensor,
+    config: TrainerConfig,
+) -> bool:
+    """Do the top blocks on the kept trunk (B, P + T, H) give the whole forward's `logprobs` (B, T)?
+    Checked on the first minibatch, before any update."""
+    idx = torch.arange(min(config.minibatch_size, len(rollouts)))
+    mb = rollouts.select(idx)
+    again, _, _ = policy_outputs(policy, mb, config.temperature, trunk[idx])  # (b, T)
+    return trunk_matches(again * mb.response_mask, logprobs[idx], mb.response_mask)
 
 
 def ppo_update(

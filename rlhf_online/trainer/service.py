@@ -71,7 +71,7 @@ from rlhf_online.trainer.publish import (
     round_event,
 )
 from rlhf_online.trainer.round import RoundAbandoned, RoundResult, run_round
-from rlhf_online.trainer.triggers import RoundTrigger, split_prompts, version_number
+from rlhf_online.trainer.triggers import RoundTrigger, prompt_hash, split_prompts, version_number
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,7 @@ class TrainerService:
         self.rounds_abandoned = 0
         self._carried: Carried | None = None  # see --keep-rejected
         self._gate_answers = GateAnswers()
+        self._gate_prompts: list[str] = []  # see _eval_set
         self._pending: Pending | None = None  # see --canary-train-during-trial
         self.bad_records = 0  # Kafka records skipped as unusable
         # Rounds cut prompts to their last max_prompt_tokens tokens; a token is rarely longer than 32 chars.
@@ -657,10 +658,20 @@ class TrainerService:
         metrics.PROMPT_POOL.set(len(sources))
         rendered = [render(tokenizer, s) for s in sources]
         try:
-            train, heldout = split_prompts(rendered, self.config.heldout_fraction, self.config.eval_prompts)
+            train, heldout = split_prompts(rendered, self.config.heldout_fraction, len(rendered))
         except ValueError as e:
             raise _NotReady(str(e)) from e
-        return tokenizer, train, heldout
+        return tokenizer, train, self._eval_set(heldout)
+
+    def _eval_set(self, heldout: list[str]) -> list[str]:
+        """The gate's prompts: the ones it used before (held out for good, whether or not still in the pool),
+        filled up to --eval-prompts from `heldout` (by hash). A fixed set makes rounds comparable and lets
+        a round re-score the serving version's answers instead of sampling them again."""
+        fraction, n = self.config.heldout_fraction, self.config.eval_prompts
+        kept = [p for p in self._gate_prompts if prompt_hash(p) < fraction]  # not split_prompts' stand-in
+        kept += [p for p in heldout if p not in kept][: max(0, n - len(kept))]
+        self._gate_prompts = kept
+        return list(kept)
 
     def _load_models(self, record: RoundRecord) -> tuple[PolicyWithValueHead, torch.nn.Module, RewardFn]:
         """The policy to train (from verified files, or the candidate the last round's gate rejected), the

@@ -5,6 +5,8 @@ and the blocks below never change during a round, so their output for a rollout 
 step. The experience pass (old log-probs and values, a full forward anyway) keeps the input of the first
 trainable block; each PPO step then runs the top k blocks only, fed that hidden state as `inputs_embeds`.
 On SmolLM2-135M with the top 4 of 30 blocks trainable this cuts the forward pass of a step by about 85%.
+The reference shares those frozen blocks weight for weight (the trainer never changes them), so its
+log-probs too come from its top blocks on the same trunk (`common_trunk` checks, it does not assume).
 
 It relies on the model's forward treating `inputs_embeds` as the first block's input (Llama, Mistral, Qwen,
 SmolLM do; GPT-2 adds position embeddings, Gemma scales it), so `matches` checks it on the first minibatch of
@@ -76,3 +78,29 @@ def top_blocks_only(lm: nn.Module, split: int) -> Iterator[None]:
 def matches(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether the trunk path's log-probs (b, T) equal the full forward's on the response tokens."""
     return bool(((new_logprobs - old_logprobs).abs() * mask).max() <= TOLERANCE)
+
+
+def common_trunk(a: nn.Module, b: nn.Module) -> int:
+    """How many bottom blocks two models share weight for weight, with their embeddings (0: none, or not
+    the same architecture): what the reference and a policy trained in top_layers mode have in common."""
+    if type(a) is not type(b):
+        return 0
+    try:
+        blocks_a, blocks_b = decoder_layers(a), decoder_layers(b)
+    except ValueError:
+        return 0
+    if len(blocks_a) != len(blocks_b) or not _same(a.get_input_embeddings(), b.get_input_embeddings()):
+        return 0
+    shared = 0
+    for x, y in zip(blocks_a, blocks_b, strict=True):
+        if not _same(x, y):
+            break
+        shared += 1
+    return shared
+
+
+def _same(x: nn.Module, y: nn.Module) -> bool:
+    px, py = list(x.parameters()), list(y.parameters())
+    if len(px) != len(py):
+        return False
+    return all(p.shape == q.shape and torch.equal(p, q) for p, q in zip(px, py, strict=True))
