@@ -78,7 +78,7 @@ def test_service_flags_parse_with_the_services_configs(tmp_path):
 def test_the_demo_runs_smollm2_by_default_and_the_tiny_preset_on_request(tiny_model_dir, tmp_path):
     real = with_preset(DemoConfig(), preset_for(DemoConfig()))
     assert preset_for(DemoConfig()).model_dir == Path(".rlhf/models/smollm2-135m")
-    assert (real.judge, real.max_new_tokens, real.rate) == ("concise", 48, 1.0)
+    assert (real.judge, real.max_new_tokens, real.rate) == ("addresses_user", 48, 0.7)
     tiny = with_preset(DemoConfig(model="tiny"), preset_for(DemoConfig(model="tiny")))
     assert (tiny.judge, tiny.max_new_tokens, tiny.rate, tiny.duration_s) == ("lowercase", 32, 3.0, 360.0)
     # a folder of the tiny preset gets the tiny settings; the user's own settings always win
@@ -91,7 +91,7 @@ def test_the_demo_runs_smollm2_by_default_and_the_tiny_preset_on_request(tiny_mo
     other = tmp_path / "my-llm"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "llama", "vocab_size": 32000}')
-    assert preset_for(DemoConfig(model_dir=str(other))).judge == "concise"
+    assert preset_for(DemoConfig(model_dir=str(other))).judge == "addresses_user"
     assert preset_for(DemoConfig(model_dir=str(other))).label == "your model (my-llm)"
 
 

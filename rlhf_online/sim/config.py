@@ -140,7 +140,7 @@ class DemoConfig:
         default=0.0,
         metadata={
             "help": "Seconds the simulated users chat and rate while the loop learns; 0: the preset's "
-            "(840 on SmolLM2, 360 on tiny)."
+            "(600 on SmolLM2, 360 on tiny)."
         },
     )
     run_dir: str = field(
@@ -172,8 +172,8 @@ class DemoConfig:
     judge: str = field(
         default="",
         metadata={
-            "help": "Hidden preference of the users (see simulate); empty: the preset's (concise on real "
-            "models, lowercase on tiny)."
+            "help": "Hidden preference of the users (see simulate); empty: the preset's (addresses_user on "
+            "real models, lowercase on tiny)."
         },
     )
     judge_args: str = field(default="", metadata={"help": "Options of a built-in judge."})
@@ -187,7 +187,7 @@ class DemoConfig:
         default=-1.0,
         metadata={
             "help": "Requests per second; 0: as fast as served (leaves less CPU to learn); negative: the "
-            "preset's (1 on SmolLM2, 3 on tiny)."
+            "preset's (0.7 on SmolLM2, 3 on tiny)."
         },
     )
     max_new_tokens: int = field(
@@ -218,7 +218,7 @@ class DemoConfig:
         },
     )
     trial_wait_s: float = field(
-        default=240.0,
+        default=120.0,
         metadata={
             "help": "After --duration-s the trainer drains: users keep chatting until an open canary trial "
             "is decided, for at most this long (then it stays open and the final phase is split)."

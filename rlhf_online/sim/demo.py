@@ -284,7 +284,8 @@ class Demo:
         await self._stop([trainer])
 
     def _sim_config(self, duration_s: float, max_requests: int) -> SimulateConfig:
-        """The simulator's settings for one phase; each phase draws users and prompts of its own."""
+        """The simulator's settings for one phase; each phase draws users and prompts of its own. The
+        fixed-size phases (baseline, final) go as fast as served: their pace teaches nothing."""
         c = self.config
         self._phases_run += 1
         return SimulateConfig(
@@ -298,7 +299,7 @@ class Demo:
             rated_share=c.rated_share,
             concurrency=c.concurrency,
             users=c.users,
-            rate=c.rate,
+            rate=0.0 if max_requests else c.rate,
             max_new_tokens=c.max_new_tokens,
             duration_s=duration_s,
             max_requests=max_requests,
