@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv protos lint format test test-e2e demo demo-tiny kafka-start kafka-stop clean
+.PHONY: help venv protos lint format test test-e2e demo demo-smollm2 kafka-start kafka-stop clean
 
 help:
 	@echo "make test   - create the venv, install, generate stubs, lint, run the whole suite (starts Kafka itself)"
 	@echo "make test-e2e - only the closed-loop learning test (part of make test too)"
-	@echo "make demo   - run the whole loop on SmolLM2-135M-Instruct on this machine (under 20 min) and write a report"
-	@echo "make demo-tiny - the same on the random tiny model (about 8 min)"
+	@echo "make demo   - run the whole loop on this machine (tiny model, about 10 min) and write a report"
+	@echo "make demo-smollm2 - the same on SmolLM2-135M-Instruct (about 20 min)"
 	@echo "make lint   - ruff check and format check"
 
 $(STAMP): pyproject.toml
@@ -46,12 +46,12 @@ SMOLLM2_DIR := .rlhf/models/smollm2-135m
 smollm2: $(STAMP)
 	$(BIN)/rlhf-online init-model --preset smollm2-135m $(SMOLLM2_DIR)
 
-# The demo's model is fetched and converted at set-up (the smollm2 target), never while the loop runs.
-demo: protos smollm2
+demo: protos
 	$(BIN)/rlhf-online demo
 
-demo-tiny: protos
-	$(BIN)/rlhf-online demo --model tiny
+# The real model is fetched and converted at set-up (the smollm2 target), never while the loop runs.
+demo-smollm2: protos smollm2
+	$(BIN)/rlhf-online demo --model smollm2-135m
 
 kafka-start: protos
 	$(BIN)/rlhf-online kafka start

@@ -241,7 +241,7 @@ def test_progress_shows_an_open_trial_then_the_decision():
     assert "canary v000005 (50% of users) vs v000004: 37 ratings 62.2% vs 41 ratings 48.8%" in text
     marks = {line.split()[0]: line.split("<- ")[-1] for line in shown.lines() if "<- " in line}
     assert marks == {"v000004": "serving", "v000005": "canary"}  # the versions table, by arm
-    assert "policy versions published 0   swaps in serving 0" in text  # the canary's share is no swap
+    assert "policy versions published 0 (+1 in a canary trial)   swaps in serving 0" in text  # no swap
 
     arms = ((37, 23), (41, 20))
     d = decision("v000004", "v000005", events_pb2.CANARY_PROMOTED, 1000, 2000, arms, reason="not worse")

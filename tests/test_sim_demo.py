@@ -75,11 +75,12 @@ def test_service_flags_parse_with_the_services_configs(tmp_path):
     assert (trainer.trainable_layers, trainer.learning_rate, trainer.keep_rejected) == (4, 1e-4, True)
 
 
-def test_the_demo_runs_smollm2_by_default_and_the_tiny_preset_on_request(tiny_model_dir, tmp_path):
-    real = with_preset(DemoConfig(), preset_for(DemoConfig()))
-    assert preset_for(DemoConfig()).model_dir == Path(".rlhf/models/smollm2-135m")
+def test_the_demo_runs_the_tiny_preset_by_default_and_smollm2_on_request(tiny_model_dir, tmp_path):
+    smollm2 = DemoConfig(model="smollm2-135m")
+    real = with_preset(smollm2, preset_for(smollm2))
+    assert preset_for(smollm2).model_dir == Path(".rlhf/models/smollm2-135m")
     assert (real.judge, real.max_new_tokens, real.rate) == ("addresses_user", 48, 0.7)
-    tiny = with_preset(DemoConfig(model="tiny"), preset_for(DemoConfig(model="tiny")))
+    tiny = with_preset(DemoConfig(), preset_for(DemoConfig()))
     assert (tiny.judge, tiny.max_new_tokens, tiny.rate, tiny.duration_s) == ("lowercase", 32, 3.0, 360.0)
     # a folder of the tiny preset gets the tiny settings; the user's own settings always win
     mine = DemoConfig(model_dir=str(tiny_model_dir), judge="contains", rate=0.0)

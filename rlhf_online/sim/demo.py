@@ -1,7 +1,7 @@
 """The whole loop on this machine, live in the terminal: `make demo` or `rlhf-online demo`.
 
-    rlhf-online demo                                   # SmolLM2-135M-Instruct on CPU, under 20 minutes
-    rlhf-online demo --model tiny                      # the random tiny model, about 8 minutes
+    rlhf-online demo                                   # the tiny model on CPU, about 10 minutes
+    rlhf-online demo --model smollm2-135m              # SmolLM2-135M-Instruct, about 20 minutes
     rlhf-online demo --model-dir ~/models/my-llm --device cuda
 
 Steps:
@@ -14,12 +14,17 @@ Steps:
 4. the simulated users (`rlhf-online simulate`, in this process), in three phases: a baseline of
    `--baseline-answers` answers of the base model (the trainer starts after it), `--duration-s` of learning,
    and a final evaluation of `--final-answers` answers of the last version (the trainer stopped), so the first
-   and the last version's thumbs-up rates rest on fixed samples. The terminal (`sim.progress`) shows answers
-   served, ratings, thumbs-up rate per model version, the reward model's held-out accuracy, PPO rounds and
-   the gate's decisions (the trainer's RoundEvents), and swaps;
-5. at the end or on Ctrl-C: the users stop, the services get SIGTERM (SIGKILL after a timeout), the report is
-   written from the topics (and the rounds saved to `rounds.jsonl`), a broker the demo started is stopped,
-   and the report's path is printed.
+   and the last version's thumbs-up rates rest on fixed samples. With canaries (`--canary-share`, half the
+   users by default) each version the gate passes first serves its share until the users' thumbs promote or
+   roll it back; at the end of the learning run the trainer drains (SIGUSR1) while the users keep chatting,
+   so an open trial is decided (for at most `--trial-wait-s`) before the final phase. The terminal
+   (`sim.progress`) shows answers served, ratings, thumbs-up rate per model version, the reward model's
+   held-out accuracy, PPO rounds and the gate's decisions (the trainer's RoundEvents), the canary trial, and
+   swaps;
+5. at the end or on Ctrl-C: the users stop, the services get SIGTERM (SIGKILL after a timeout), the first and
+   the last version answer held-out prompts side by side and their served answers' fluency is measured
+   (`sim.compare`), the report is written from the topics (and the rounds saved to `rounds.jsonl`), a broker
+   the demo started is stopped, and the report's path is printed.
 """
 
 import asyncio

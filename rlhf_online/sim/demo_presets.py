@@ -1,10 +1,11 @@
 """What the demo runs on: a model, and the users' settings sized for it on a 2-core CPU machine.
 
-`rlhf-online demo` runs SmolLM2-135M-Instruct by default (`--model smollm2-135m`: a real chat model, its
-answers real English) and the tiny preset with `--model tiny` (a random 2.6M-parameter model: a quick look
-at the loop in a few minutes, what the fast tests use). `--model-dir` runs any Hugging Face folder with the
-real model's settings. Every setting the user passes wins over the preset's; the services' flags sized for
-each model are in `sim.processes`.
+`rlhf-online demo` runs the tiny preset by default (a random 2.6M-parameter model: the loop learns within a
+few minutes, what the fast tests use) and SmolLM2-135M-Instruct with `--model smollm2-135m` (`make
+demo-smollm2`: a real chat model, its answers real English; on two CPU cores its rounds are 3-4 minutes,
+and 10 minutes of learning have not yet shown a clear rise, docs/real-model.md). `--model-dir` runs any
+Hugging Face folder with the real model's settings. Every setting the user passes wins over the preset's;
+the services' flags sized for each model are in `sim.processes`.
 """
 
 import dataclasses

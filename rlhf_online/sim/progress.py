@@ -160,13 +160,15 @@ class Progress:
 
     def _versions_line(self) -> str:
         published = sum(m.is_published(POLICY) for m in self.models)
+        spans = stats.trial_spans(self.models, self.trials)
         if self.swaps is not None:
             swaps = self.swaps
         else:  # a version serving only a canary's share is no swap
-            spans = stats.trial_spans(self.models, self.trials)
             not_live = {s.canary for s in spans if s.live_from_ms is None}
             swaps = max(len(set(self.summary.versions) - not_live) - 1, 0)
-        return f"policy versions published {published}   swaps in serving {swaps}"
+        in_trial = sum(s.ended_ms is None for s in spans)
+        trialled = f" (+{in_trial} in a canary trial)" if in_trial else ""
+        return f"policy versions published {published}{trialled}   swaps in serving {swaps}"
 
 
 class Display:
