@@ -234,3 +234,15 @@ def test_simulated_trials_end_and_a_much_worse_canary_is_always_rolled_back():
     assert np.all(o.ratings >= 2 * config.min_ratings_per_arm)
     with pytest.raises(ValueError, match="canary_share"):
         simulate_trials(config, 0.5, 0.5, 1.0, 10, np.random.default_rng(0))
+
+
+def test_a_trial_cut_short_times_out_then_and_says_so():
+    trial = new_trial(max_duration_s=3600.0)
+    trial.cut_short(T0 + 10_000, within_s=5.0)  # 10 s in: at most 5 s more
+    assert trial.tick(T0 + 14_000) is None
+    decision = trial.tick(T0 + 15_000)
+    assert (decision.outcome, decision.code) == ("roll_back", "timed_out_seconds")
+    assert "within 15 s" in decision.reason and decision.config.max_duration_s == 15.0
+    longer = new_trial(max_duration_s=20.0)
+    longer.cut_short(T0 + 10_000, within_s=60.0)  # never lengthened
+    assert longer.config.max_duration_s == 20.0

@@ -198,6 +198,27 @@ def test_a_draining_trainer_lets_the_open_trial_decide_and_starts_nothing_new(
     assert actions == [events_pb2.CANARY, events_pb2.PROMOTED]
 
 
+def test_a_drain_times_out_a_trial_that_does_not_decide(kafka_bootstrap, topics, tiny_model_dir, tmp_path):
+    """--drain-trial-timeout-s: no rating comes, so the open trial times out (rolled back); the drain ends."""
+    registry = Registry(tmp_path / "registry")
+    ensure_initial_policy(registry, tiny_model_dir)
+    produce_traffic(
+        kafka_bootstrap, topics, AutoTokenizer.from_pretrained(tiny_model_dir), N_TRAFFIC, ratings=True
+    )
+    service = start_trainer(kafka_bootstrap, topics, registry, **SMALL_ROUND, drain_trial_timeout_s=1.0)
+    drained = threading.Event()
+    try:
+        announce_reward_checkpoint(kafka_bootstrap, topics, registry, tiny_model_dir, 40)
+        wait_for(lambda: service.trial_running, 240, "the canary")
+        service.drain(then=drained.set)
+        wait_for(drained.is_set, 60, "the drain")
+    finally:
+        service.stop()
+    (decision,) = service.canary.decisions
+    assert (decision.outcome, decision.code) == ("roll_back", "timed_out_seconds")
+    assert registry.latest(POLICY) == "v000001"
+
+
 def test_a_trainer_restarted_during_a_trial_carries_it_on(kafka_bootstrap, topics, tiny_model_dir, tmp_path):
     registry = Registry(tmp_path / "registry")
     ensure_initial_policy(registry, tiny_model_dir)

@@ -282,7 +282,7 @@ def test_closing_lines():
     text = "\n".join(demo.closing_lines(result))
     assert "v000001 20.0% of 100 ratings" in text and "v000004 70.0% of 50 ratings" in text
     assert (
-        "PPO rounds 4 (published 3), swaps 3, wall time 1.5 min" in text and "report: r/report.html" in text
+        "PPO rounds 4 (gate passed 3), swaps 3, wall time 1.5 min" in text and "report: r/report.html" in text
     )
 
 

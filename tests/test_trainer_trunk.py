@@ -27,6 +27,7 @@ from rlhf_online.trainer.rollout import (
 from rlhf_online.trainer.round import RoundSetup, make_experience, run_round, train
 from rlhf_online.trainer.service import GateAnswers
 from rlhf_online.trainer.trunk import common_trunk, decoder_layers
+from tests.test_trainer_kafka import one_torch_thread  # noqa: F401 (an autouse fixture)
 
 CONFIG = TrainerConfig(
     learning_rate=TINY_LEARNING_RATE, rollouts_per_round=12, minibatch_size=4, ppo_epochs=2
@@ -35,14 +36,6 @@ CONFIG = TrainerConfig(
 
 def vowels(prompts: list[str], responses: list[str]) -> torch.Tensor:
     return torch.tensor([10.0 * sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses])  # (B,)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

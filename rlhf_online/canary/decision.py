@@ -23,6 +23,7 @@ upper bound below it; each happens with probability <= alpha, however often the 
 Between -delta and 0 either decision is acceptable (the indifference zone).
 """
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -230,6 +231,13 @@ class CanaryTrial:
         f = self._update_p_values()
         code = int(verdict(self.config, f.lower, f.upper, f.canary_ratings, f.stable_ratings))
         return None if code == CONTINUE else self._decide(code, timestamp_ms)
+
+    def cut_short(self, now_ms: int, within_s: float) -> None:
+        """The trial times out `within_s` from now at the latest (a trainer draining); its time-out
+        reason and its decision's settings say the shortened limit."""
+        limit = (now_ms - self.started_ms) / 1000.0 + within_s
+        if self.config.max_duration_s == 0 or limit < self.config.max_duration_s:
+            self.config = dataclasses.replace(self.config, max_duration_s=limit)
 
     def tick(self, now_ms: int) -> Decision | None:
         """Times the trial out when its clock ran out; returns that Decision, else None."""

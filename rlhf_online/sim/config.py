@@ -222,7 +222,7 @@ class DemoConfig:
         default=120.0,
         metadata={
             "help": "After --duration-s the trainer drains: users keep chatting until an open canary trial "
-            "is decided, for at most this long (then it stays open and the final phase is split)."
+            "is decided; one still open this long after times out (rolled back)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the users and the services."})

@@ -69,6 +69,7 @@ from rlhf_online.topics import Topics
 log = logging.getLogger(__name__)
 
 PARTITIONS = 2
+DRAIN_SLACK_S = 60.0  # beyond --trial-wait-s, for the draining trainer to decide and exit
 SERVING_KEY = 'rlhf_inference_model_version_info{{version="{}"}}'  # 1 for the version serving now
 
 
@@ -285,7 +286,9 @@ class Demo:
                 f"the trainer drains: an open canary trial goes on to its decision (at most "
                 f"{self.config.trial_wait_s:.0f}s)"
             )
-            await self._users(duration_s=self.config.trial_wait_s, until=lambda: not trainer.running())
+            # the trainer times the trial out after --trial-wait-s; the rest is for it to stop
+            wait_s = self.config.trial_wait_s + DRAIN_SLACK_S
+            await self._users(duration_s=wait_s, until=lambda: not trainer.running())
         await self._stop([trainer])
 
     def _sim_config(self, duration_s: float, max_requests: int) -> SimulateConfig:
@@ -373,8 +376,11 @@ class Demo:
 
         v = stats.verdict(data.dedup())
         registry = Registry(self.run_dir / "registry")
+        served = [
+            version for version in registry.versions(POLICY) if version in self.progress.summary.versions
+        ]
         first = (v.first or {}).get("version") or registry.versions(POLICY)[0]
-        last = (v.last or {}).get("version") or registry.latest(POLICY)
+        last = (v.last or {}).get("version") or (served or [first])[-1]  # a canary, if no version went live
         self.display.say(f"comparing {first} and {last}: answers side by side, fluency")
         try:
             comparison = await asyncio.to_thread(
@@ -409,7 +415,7 @@ def closing_lines(result: DemoResult) -> list[str]:
     if v:
         lines.append(f"first version {version(v.get('first'))}; last version {version(v.get('last'))}")
         lines.append(
-            f"PPO rounds {v.get('rounds', 0)} (published {v.get('rounds_published', 0)}), swaps "
+            f"PPO rounds {v.get('rounds', 0)} (gate passed {v.get('rounds_published', 0)}), swaps "
             f"{v.get('swaps', 0)}, wall time {result.wall_time_s / 60:.1f} min"
         )
     if result.report_path is not None:

@@ -201,7 +201,11 @@ def _service(name: str, config: DemoConfig, common: dict, tiny: bool, run_dir: P
     else:
         flags["--seed"] = str(config.seed)
     if name == "trainer" and config.canary_share:
-        flags |= {"--canary-share": str(config.canary_share), **DEMO_CANARY_FLAGS}
+        flags |= {
+            "--canary-share": str(config.canary_share),
+            "--drain-trial-timeout-s": str(config.trial_wait_s),
+            **DEMO_CANARY_FLAGS,
+        }
     command = cli(f"serve-{name}", *_flags(flags), *shlex.split(getattr(config, f"{name}_args")))
     health = CHAT_SERVICE if name == "inference" else ""
     log = run_dir / "logs" / f"{name}.log"

@@ -225,7 +225,7 @@ class Verdict:
     last: dict | None = None  # ... and of the last one
     z: float | None = None  # two_proportion_z(first, last)
     rounds: int = 0  # PPO rounds reported on the rounds topic, whatever their outcome
-    rounds_published: int = 0  # of which passed the gate (and were published)
+    rounds_published: int = 0  # of which passed the gate (published, or dropped with a rolled-back canary)
     rounds_rejected: int = 0  # of which the gate refused
     swaps: int = 0
     canary_trials: int = 0  # canary trials started (or decided), open ones included

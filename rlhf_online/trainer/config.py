@@ -163,6 +163,13 @@ class TrainerConfig(ServiceConfig):
             "(off: no round during a trial)."
         },
     )
+    drain_trial_timeout_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "Draining (SIGUSR1): a canary trial still open this many seconds later times out, with "
+            "its time-out outcome (roll back); 0: wait for its decision however long it takes."
+        },
+    )
     canary_min_ratings: int = field(
         default=50, metadata={"help": "Canary trial: no decision before each arm has this many ratings."}
     )

@@ -49,7 +49,7 @@ from rlhf_online.broker.clients import (
     wait_for_broker,
     wait_for_partitions,
 )
-from rlhf_online.contract import KINDS, POLICY, REWARD, RewardFigure, kind_name
+from rlhf_online.contract import KINDS, POLICY, REWARD, RewardFigure, kind_name, now_ms
 from rlhf_online.engine.chat_format import render_prompt
 from rlhf_online.health import HealthServer
 from rlhf_online.proto.rlhf.v1 import events_pb2
@@ -107,12 +107,14 @@ class RewardCheckpoint:
 
 @dataclass
 class Pending:
-    """A candidate that passed the gate during a canary trial of its parent: published once it is decided."""
+    """A candidate that passed the gate during a canary trial of its parent: published once it is decided
+    (a later round that passes during the same trial, trained on from it, takes its place)."""
 
-    record: RoundRecord
+    record: RoundRecord  # start_version: the canary it descends from (the round that trained it on first)
     result: RoundResult
     tokenizer: PreTrainedTokenizerBase
     heldout: list[str]
+    value_head: torch.nn.Linear
 
 
 @dataclass
@@ -202,6 +204,7 @@ class TrainerService:
         self._stop = threading.Event()
         self._draining = threading.Event()  # see drain()
         self._on_drained: Callable[[], None] | None = None
+        self._trial_cut = False  # the open trial's clock shortened for the drain (--drain-trial-timeout-s)
         self._thread: threading.Thread | None = None
         self._consumer: KafkaConsumer | None = None
         self._producer = None
@@ -504,6 +507,9 @@ class TrainerService:
         True when the loop has nothing to do but wait for the decision."""
         if not self.trial_running:
             return False
+        if self._draining.is_set() and self.config.drain_trial_timeout_s and not self._trial_cut:
+            self.canary.trial.cut_short(now_ms(), self.config.drain_trial_timeout_s)
+            self._trial_cut = True
         self._poll_kafka(0)
         self.canary.step(int(self.config.poll_interval_s * 1000))
         if not self.trial_running:
@@ -512,12 +518,10 @@ class TrainerService:
         return not self._round_allowed()
 
     def _round_allowed(self) -> bool:
-        """Not draining, and no trial, or one whose canary may be trained on and no candidate waiting."""
+        """Not draining, and no trial, or one whose canary may be trained on."""
         if self._draining.is_set():
             return False
-        if not self.trial_running:
-            return True
-        return self.config.canary_train_during_trial and self._pending is None
+        return not self.trial_running or self.config.canary_train_during_trial
 
     def _drained(self) -> None:
         """Called by the loop once draining and no trial runs: tells the owner once, then idles."""
@@ -631,13 +635,21 @@ class TrainerService:
         self._check_still_serving(record.start_version)
         self._record_verdict(record, result)
         if result.decision.passed and self.trial_running:
-            self._pending = Pending(record, result, tokenizer, heldout)
+            # it waits for the trial, and the next round trains on from it: the next canary carries every
+            # round that passed meanwhile, a bigger step that the users' thumbs tell apart sooner
+            self._pending = Pending(record, result, tokenizer, heldout, policy.value_head)
+            self._carried = Carried(record.start_version, result.model, policy.value_head, record.name)
             log.info("%s: its candidate waits for the trial of %s", record.name, record.start_version)
         elif result.decision.passed:
             self._publish(record, result, tokenizer)
             self._gate_answers.put(record.published_version, heldout, result.candidate_eval)
         elif self.config.keep_rejected and result.decision.code == "no_improvement":
             self._carried = Carried(record.start_version, result.model, policy.value_head, record.name)
+        elif self._pending is not None:  # the next round starts again from the waiting candidate
+            waiting = self._pending
+            self._carried = Carried(
+                waiting.record.start_version, waiting.result.model, waiting.value_head, waiting.record.name
+            )
         return result
 
     def _serving_for_gate(self, record: RoundRecord) -> torch.nn.Module | None:
