@@ -106,6 +106,16 @@ class RewardCheckpoint:
 
 
 @dataclass
+class Carried:
+    """A candidate the gate rejected for too small an improvement: the next round starts from it."""
+
+    start_version: str  # the serving version it descends from (and is compared with)
+    model: PreTrainedModel  # exported: LoRA merged, frozen
+    value_head: torch.nn.Linear
+    round: str  # the round that trained it, for the logs
+
+
+@dataclass
 class Pending:
     """A candidate that passed the gate during a canary trial of its parent: published once it is decided
     (a later round that passes during the same trial, trained on from it, takes its place)."""
@@ -116,15 +126,9 @@ class Pending:
     heldout: list[str]
     value_head: torch.nn.Linear
 
-
-@dataclass
-class Carried:
-    """A candidate the gate rejected for too small an improvement: the next round starts from it."""
-
-    start_version: str  # the serving version it descends from (and is compared with)
-    model: PreTrainedModel  # exported: LoRA merged, frozen
-    value_head: torch.nn.Linear
-    round: str  # the round that trained it, for the logs
+    def carried(self) -> "Carried":
+        """The waiting candidate as the next round's starting point."""
+        return Carried(self.record.start_version, self.result.model, self.value_head, self.record.name)
 
 
 class GateAnswers:
@@ -638,18 +642,14 @@ class TrainerService:
             # it waits for the trial, and the next round trains on from it: the next canary carries every
             # round that passed meanwhile, a bigger step that the users' thumbs tell apart sooner
             self._pending = Pending(record, result, tokenizer, heldout, policy.value_head)
-            self._carried = Carried(record.start_version, result.model, policy.value_head, record.name)
+            self._carried = self._pending.carried()
             log.info("%s: its candidate waits for the trial of %s", record.name, record.start_version)
         elif result.decision.passed:
-            self._publish(record, result, tokenizer)
-            self._gate_answers.put(record.published_version, heldout, result.candidate_eval)
+            self._publish(record, result, tokenizer, heldout)
         elif self.config.keep_rejected and result.decision.code == "no_improvement":
             self._carried = Carried(record.start_version, result.model, policy.value_head, record.name)
         elif self._pending is not None:  # the next round starts again from the waiting candidate
-            waiting = self._pending
-            self._carried = Carried(
-                waiting.record.start_version, waiting.result.model, waiting.value_head, waiting.record.name
-            )
+            self._carried = self._pending.carried()
         return result
 
     def _serving_for_gate(self, record: RoundRecord) -> torch.nn.Module | None:
@@ -727,9 +727,12 @@ class TrainerService:
                 "%s: gate rejected the candidate (%s); nothing published", record.name, decision.reason
             )
 
-    def _publish(self, record: RoundRecord, result: RoundResult, tokenizer: PreTrainedTokenizerBase) -> None:
+    def _publish(
+        self, record: RoundRecord, result: RoundResult, tokenizer: PreTrainedTokenizerBase, heldout: list[str]
+    ) -> None:
         """Registry first (atomic), then the ModelEvent that makes serving swap (or, with a canary share,
-        LATEST unmoved and the trial's start), then retention."""
+        LATEST unmoved and the trial's start), then retention; the gate keeps the version's answers on
+        `heldout` for the next round."""
         self._check_still_serving(record.start_version)
         # From here the round finishes even if asked to stop: the publish is one atomic step.
         manifest = publish_policy(
@@ -740,6 +743,7 @@ class TrainerService:
             set_latest=self.canary is None,
         )  # fmt: skip
         record.published_version = self.last_published = manifest.version
+        self._gate_answers.put(manifest.version, heldout, result.candidate_eval)
         metrics.ROUNDS.labels("published").inc()
         metrics.PUBLISHED_VERSION.set(version_number(manifest.version))
         if self.canary is not None:
@@ -768,8 +772,7 @@ class TrainerService:
         if self.registry.latest(POLICY) != record.start_version:
             log.info("%s: dropping its candidate: %s was not promoted", record.name, record.start_version)
             return
-        self._publish(record, pending.result, pending.tokenizer)
-        self._gate_answers.put(record.published_version, pending.heldout, pending.result.candidate_eval)
+        self._publish(record, pending.result, pending.tokenizer, pending.heldout)
 
     def _round_base(self) -> str | None:
         """The version a round starts from: LATEST, or the canary of a running trial."""
